@@ -11,7 +11,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass
 class EngineConfig:
-    model: str  # local HF folder, .gguf file or Hub id (see tfbackend.model_source)
+    model: str | None = None  # local HF folder, .gguf file or Hub id; None: the embedded default model
     tokenizer: str | None = None  # defaults to the model folder
     model_impl: str = "auto"  # auto | native | transformers
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16

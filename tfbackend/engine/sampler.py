@@ -1,0 +1,172 @@
+"""Turning logits into tokens on the device: penalties, temperature, top-k/top-p/min-p, seeded sampling.
+
+Order (as vLLM): penalties on the raw logits -> ``min_tokens`` masking of stop tokens -> greedy rows take
+the argmax; sampled rows are divided by their temperature, top-k and top-p filtered, softmaxed, min-p
+filtered and drawn with the exponential race (argmax of p / q, q ~ Exp(1)), which needs no host sync.
+Rows with a seed draw their noise from their own generator, so a seeded request samples the same tokens
+whatever else shares its batch. Logprobs are those of the raw model distribution.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tfbackend.engine.sequence import Sequence
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    # Per row, when logprobs were requested: (sampled logprob, sampled rank, top ids, top logprobs).
+    logprobs: list[tuple[float, int, list[int], list[float]] | None]
+
+
+@dataclass
+class SamplingTensors:
+    """The per-row sampling parameters of one step, gathered from its sequences."""
+
+    temperature: torch.Tensor  # [N]; 0 rows are greedy
+    top_k: torch.Tensor  # [N] int; V disables
+    top_p: torch.Tensor  # [N]
+    min_p: torch.Tensor  # [N]
+    all_greedy: bool
+    any_top_k: bool
+    any_top_p: bool
+    any_min_p: bool
+
+    @classmethod
+    def from_sequences(cls, seqs: list[Sequence], vocab_size: int, device: torch.device) -> SamplingTensors:
+        params = [seq.params for seq in seqs]
+        top_k = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params]
+        return cls(
+            temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32).to(device),
+            top_k=torch.tensor(top_k, dtype=torch.long).to(device),
+            top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32).to(device),
+            min_p=torch.tensor([p.min_p for p in params], dtype=torch.float32).to(device),
+            all_greedy=all(p.greedy for p in params),
+            any_top_k=any(k < vocab_size for k in top_k),
+            any_top_p=any(p.top_p < 1.0 for p in params),
+            any_min_p=any(p.min_p > 0.0 for p in params),
+        )
+
+
+class Sampler:
+    def __init__(self, device: torch.device, seed: int, eos_token_ids: set[int]):
+        self.device = device
+        self.eos_token_ids = eos_token_ids
+        self.generator = torch.Generator(device=device)  # for rows without their own seed
+        self.generator.manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
+        logits = logits.float()
+        raw_logits = logits
+        logits = self.apply_penalties(logits, seqs)
+        logits = self.mask_stop_tokens_before_min_tokens(logits, seqs)
+        tensors = SamplingTensors.from_sequences(seqs, logits.shape[-1], logits.device)
+        if tensors.all_greedy:
+            sampled = logits.argmax(dim=-1)
+        else:
+            sampled = self.sample(logits, seqs, tensors)
+        token_ids = sampled.tolist()
+        return SamplerOutput(token_ids, self.gather_logprobs(raw_logits, sampled, seqs))
+
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence], t: SamplingTensors) -> torch.Tensor:
+        greedy_rows = t.temperature == 0
+        temperature = torch.where(greedy_rows, torch.ones_like(t.temperature), t.temperature)
+        logits = logits / temperature[:, None]
+        if t.any_top_k or t.any_top_p:
+            logits = apply_top_k_top_p(logits, t.top_k if t.any_top_k else None, t.top_p if t.any_top_p else None)
+        probs = torch.softmax(logits, dim=-1)
+        if t.any_min_p:
+            probs = apply_min_p(probs, t.min_p)
+        noise = torch.empty_like(probs)
+        noise.exponential_(generator=self.generator)
+        for row, seq in enumerate(seqs):
+            if seq.generator is not None:
+                noise[row].exponential_(generator=seq.generator)
+        sampled = (probs / noise).argmax(dim=-1)
+        return torch.where(greedy_rows, logits.argmax(dim=-1), sampled)
+
+    def apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        params = [seq.params for seq in seqs]
+        if all(
+            p.repetition_penalty == 1.0 and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0
+            for p in params
+        ):
+            return logits
+        num_rows, vocab = logits.shape
+        device = logits.device
+        output_counts = torch.zeros(num_rows, vocab, device=device)
+        seen = torch.zeros(num_rows, vocab, dtype=torch.bool, device=device)
+        for row, seq in enumerate(seqs):
+            out_ids = torch.tensor(seq.output_token_ids, dtype=torch.long, device=device)
+            output_counts[row].index_add_(0, out_ids, torch.ones_like(out_ids, dtype=torch.float32))
+            seen[row, torch.tensor(seq.token_ids, dtype=torch.long, device=device)] = True
+        repetition = torch.tensor([p.repetition_penalty for p in params], device=device)[:, None]
+        presence = torch.tensor([p.presence_penalty for p in params], device=device)[:, None]
+        frequency = torch.tensor([p.frequency_penalty for p in params], device=device)[:, None]
+        # Repetition (prompt and output tokens): shrink positive logits, push negative ones further down.
+        penalised = torch.where(logits > 0, logits / repetition, logits * repetition)
+        logits = torch.where(seen, penalised, logits)
+        # OpenAI's presence and frequency penalties look at generated tokens only.
+        logits = logits - frequency * output_counts - presence * (output_counts > 0)
+        return logits
+
+    def mask_stop_tokens_before_min_tokens(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        rows, cols = [], []
+        for row, seq in enumerate(seqs):
+            if seq.num_output_tokens < seq.params.min_tokens:
+                stop_ids = set(seq.params.stop_token_ids)
+                if not seq.params.ignore_eos:
+                    stop_ids |= self.eos_token_ids
+                for token in stop_ids:
+                    rows.append(row)
+                    cols.append(token)
+        if rows:
+            logits = logits.clone()
+            logits[torch.tensor(rows), torch.tensor(cols)] = float("-inf")
+        return logits
+
+    def gather_logprobs(self, raw_logits: torch.Tensor, sampled: torch.Tensor, seqs: list[Sequence]):
+        wanted = [seq.params.logprobs for seq in seqs]
+        if all(k is None for k in wanted):
+            return [None] * len(seqs)
+        rows = [row for row, k in enumerate(wanted) if k is not None]
+        logprobs = torch.log_softmax(raw_logits[rows], dim=-1)
+        chosen = sampled[rows]
+        chosen_logprob = logprobs.gather(1, chosen[:, None])
+        ranks = (logprobs > chosen_logprob).sum(dim=-1) + 1
+        max_k = max(wanted[row] for row in rows)
+        top_logprobs, top_ids = logprobs.topk(max(max_k, 1), dim=-1)
+        chosen_logprob, ranks = chosen_logprob[:, 0].tolist(), ranks.tolist()
+        top_logprobs, top_ids = top_logprobs.tolist(), top_ids.tolist()
+        result: list[tuple[float, int, list[int], list[float]] | None] = [None] * len(seqs)
+        for i, row in enumerate(rows):
+            k = wanted[row]
+            result[row] = (chosen_logprob[i], ranks[i], top_ids[i][:k], top_logprobs[i][:k])
+        return result
+
+
+def apply_top_k_top_p(
+    logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None
+) -> torch.Tensor:
+    """Keep each row's top-k logits and the smallest set whose probability reaches top_p; -inf the rest."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    vocab = logits.shape[-1]
+    remove = torch.zeros_like(sorted_logits, dtype=torch.bool)
+    if top_k is not None:
+        remove |= torch.arange(vocab, device=logits.device)[None, :] >= top_k[:, None]
+    if top_p is not None:
+        probs = torch.softmax(sorted_logits.masked_fill(remove, float("-inf")), dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs  # probability of strictly more likely tokens
+        remove |= mass_before >= top_p[:, None]
+    sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+
+def apply_min_p(probs: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Zero tokens less likely than min_p times the row's most likely token."""
+    threshold = probs.max(dim=-1, keepdim=True).values * min_p[:, None]
+    return probs.masked_fill(probs < threshold, 0.0)
