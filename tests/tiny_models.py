@@ -78,7 +78,7 @@ def random_prompts(lengths: list[int], seed: int = 1) -> list[list[int]]:
 
 @torch.no_grad()
 def hf_greedy(model, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-    """HF generate, one prompt at a time (no padding), EOS disabled: the ground truth for greedy parity."""
+    """HF generate, one prompt at a time (no padding), stopping at EOS: the ground truth for greedy parity."""
     outputs = []
     for prompt in prompts:
         ids = torch.tensor([prompt])
@@ -86,7 +86,6 @@ def hf_greedy(model, prompts: list[list[int]], max_new_tokens: int) -> list[list
             ids,
             attention_mask=torch.ones_like(ids),
             max_new_tokens=max_new_tokens,
-            min_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=0,
         )

@@ -18,7 +18,7 @@ class EngineConfig:
     device: str = "auto"  # auto | cpu | cuda
     attention_backend: str = "auto"  # auto | triton | torch
     block_size: int = 16
-    max_model_len: int | None = None  # default: the model's max_position_embeddings (capped at 8192)
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
     enable_prefix_caching: bool = True

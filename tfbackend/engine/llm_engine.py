@@ -222,7 +222,7 @@ class LLMEngine:
         completions = [
             CompletionOutput(
                 index=seq.index,
-                text=seq.output_text,
+                text=self._visible_text(seq),
                 token_ids=seq.output_token_ids,
                 finish_reason=seq.finish_reason,
                 stop_reason=seq.stop_reason,
@@ -240,6 +240,17 @@ class LLMEngine:
             num_cached_tokens=request.seqs[0].num_cached_tokens,
             metrics={"arrival_time": request.arrival_time, "first_token_time": min(first_token_times, default=0.0)},
         )
+
+    @staticmethod
+    def _visible_text(seq: Sequence) -> str:
+        """While a sequence runs, hold back text that could be the start of a stop string.
+
+        Streamed text must never include characters that a stop string found later would cut off.
+        """
+        if seq.is_finished or not seq.params.stop:
+            return seq.output_text
+        hold = max(len(stop) for stop in seq.params.stop) - 1
+        return seq.output_text[: max(len(seq.output_text) - hold, 0)]
 
     def stats(self) -> EngineStats:
         bm = self.block_manager

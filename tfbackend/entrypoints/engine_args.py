@@ -1,0 +1,85 @@
+"""Engine flags shared by every sub-command that builds an LLMEngine, named as in ``vllm serve``.
+
+One place defines them so ``serve``, ``generate`` and ``bench`` accept the same spelling and defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+from tfbackend.config import DTYPES, EngineConfig
+from tfbackend.registry import MODEL_IMPLS
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
+_EXPONENTS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
+
+
+def human_int(text: str) -> int:
+    """Parse ``4096``, ``32k``, ``1.5G`` (powers of 1000) or ``512MiB``/``2Gi`` (powers of 1024), as vLLM does.
+
+    Sizes like the KV cache budget are easier to type and read with a suffix than as raw byte counts.
+    """
+    match = _SIZE_RE.match(text)
+    if match is None:
+        raise argparse.ArgumentTypeError(
+            f"expected an integer with an optional k/M/G/T or Ki/Mi/Gi/Ti suffix, got {text!r}"
+        )
+    number, prefix, binary = match.groups()
+    base = 1024 if binary else 1000
+    value = float(number) * base ** _EXPONENTS[prefix.lower()]
+    if value != int(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
+    return int(value)
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """Add the EngineConfig flags; defaults come from EngineConfig so there is one source of truth."""
+    defaults = EngineConfig(model="")
+    group = parser.add_argument_group("engine")
+    add = group.add_argument
+    add("--tokenizer", default=None, help="tokenizer folder (default: the model's)")
+    add("--model-impl", choices=MODEL_IMPLS, default=defaults.model_impl,
+        help="native port, Transformers fallback, or auto (native when one is registered for the architecture)")
+    add("--dtype", choices=["auto", *DTYPES], default=defaults.dtype,
+        help="auto: float32 on CPU, the checkpoint's half precision on GPU")
+    add("--device", default=defaults.device, help="auto, cpu, cuda or cuda:N")
+    add("--attention-backend", choices=["auto", "triton", "torch"], default=defaults.attention_backend)
+    add("--block-size", type=int, default=defaults.block_size, help="tokens per KV cache block")
+    add("--max-model-len", type=human_int, default=defaults.max_model_len,
+        help="context length, prompt plus output, e.g. 4k (default: the model's max_position_embeddings)")
+    add("--max-num-seqs", type=int, default=defaults.max_num_seqs, help="most sequences in one batch")
+    add("--max-num-batched-tokens", type=human_int, default=defaults.max_num_batched_tokens,
+        help="most tokens fed to the model in one step")
+    add("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=defaults.enable_prefix_caching,
+        help="reuse the KV blocks of shared prompt prefixes")
+    add("--kv-cache-memory", type=human_int, default=defaults.kv_cache_memory,
+        help="KV cache size in bytes, e.g. 512MiB (default: 1GiB on CPU; on GPU what --gpu-memory-utilization leaves)")
+    add("--gpu-memory-utilization", type=float, default=defaults.gpu_memory_utilization,
+        help="fraction of GPU memory the engine may use: weights, activations and KV cache")
+    add("--enforce-eager", action="store_true", help="never capture CUDA graphs")
+    add("--seed", type=int, default=defaults.seed, help="seed for requests that set none")
+
+
+def engine_config_from_args(args: argparse.Namespace, model_path: str | Path) -> EngineConfig:
+    """Build and validate the EngineConfig for an already resolved local model folder."""
+    config = EngineConfig(
+        model=str(model_path),
+        tokenizer=args.tokenizer,
+        model_impl=args.model_impl,
+        dtype=args.dtype,
+        device=args.device,
+        attention_backend=args.attention_backend,
+        block_size=args.block_size,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        enable_prefix_caching=args.enable_prefix_caching,
+        kv_cache_memory=args.kv_cache_memory,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        enforce_eager=args.enforce_eager,
+        seed=args.seed,
+    )
+    config.validate()
+    return config

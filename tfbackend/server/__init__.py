@@ -1,0 +1,1 @@
+"""OpenAI-compatible HTTP server: ``tfbackend serve`` (see tfbackend.entrypoints.serve)."""
