@@ -23,7 +23,12 @@ MODEL_IMPLS = ("auto", "native", "transformers")
 FALLBACK_CLASS = "tfbackend.adapter:TransformersForCausalLM"
 
 # Architecture (HF config.architectures[0]) -> native implementation, imported lazily.
-_BUILTIN_NATIVE_MODELS: dict[str, str] = {}
+_BUILTIN_NATIVE_MODELS: dict[str, str] = {
+    "LlamaForCausalLM": "tfbackend.native.llama:LlamaForCausalLM",
+    "MistralForCausalLM": "tfbackend.native.llama:LlamaForCausalLM",
+    "Qwen2ForCausalLM": "tfbackend.native.llama:LlamaForCausalLM",
+    "Qwen3ForCausalLM": "tfbackend.native.llama:LlamaForCausalLM",
+}
 
 _native_models: dict[str, str | type[nn.Module]] = dict(_BUILTIN_NATIVE_MODELS)
 _plugins_loaded = False

@@ -1,0 +1,203 @@
+"""``tfbackend check MODEL``: do two implementations of a model agree on the same weights?
+
+Each implementation (by default the native port, then the Transformers fallback) is loaded in turn and
+decodes the same prompts greedily, driven step by step through a paged KV cache: one prefill step for
+all prompts together, then one decode step per token. We compare the logits of every prefill token and
+of every decode step whose inputs still agree, and the greedy tokens. Exit status 0 when everything
+agrees within ``--atol``, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from itertools import accumulate
+
+import torch
+from transformers import AutoConfig
+
+from tfbackend.attention import (
+    AttentionBackend,
+    AttentionMetadata,
+    ForwardContext,
+    forward_context,
+    get_attention_backend,
+)
+from tfbackend.config import DTYPES
+from tfbackend.engine.llm_engine import load_tokenizer
+from tfbackend.kv_cache import KVCache, KVCacheSpec
+from tfbackend.registry import MODEL_IMPLS, resolve
+
+DEFAULT_PROMPT_LENGTHS = (5, 12, 23)  # random token ids: short, one block and a bit, several blocks
+
+
+@dataclass
+class GreedyRun:
+    prefill_logits: list[torch.Tensor]  # per prompt [prompt_len, V], float32 on the CPU
+    decode_logits: torch.Tensor  # [max_tokens - 1, B, V]: step i reads token i and predicts token i + 1
+    tokens: torch.Tensor  # [B, max_tokens] greedy tokens
+
+
+@dataclass
+class Comparison:
+    prefill_max_diff: float
+    decode_max_diff: float
+    decode_steps_compared: int
+    first_divergence: list[int | None]  # per prompt: index of the first differing token
+    atol: float
+
+    @property
+    def ok(self) -> bool:
+        tokens_agree = all(index is None for index in self.first_divergence)
+        return tokens_agree and self.prefill_max_diff <= self.atol and self.decode_max_diff <= self.atol
+
+
+def forward_step(
+    model: torch.nn.Module,
+    cache: KVCache,
+    backend: AttentionBackend,
+    block_tables: torch.Tensor,
+    chunks: list[list[int]],
+    starts: list[int],
+) -> torch.Tensor:
+    """One model step: sequence b appends ``chunks[b]`` at positions ``starts[b]...``; returns their logits."""
+    device, block_size = cache.storage.device, cache.spec.block_size
+    query_lens = [len(chunk) for chunk in chunks]
+    seq_lens = [start + n for start, n in zip(starts, query_lens)]
+    query_start_loc = [0, *accumulate(query_lens)]
+    positions = torch.cat([torch.arange(start, end) for start, end in zip(starts, seq_lens)]).to(device)
+    seq_index = torch.repeat_interleave(torch.arange(len(chunks)), torch.tensor(query_lens)).to(device)
+    slots = block_tables[seq_index, positions // block_size].long() * block_size + positions % block_size
+    metadata = AttentionMetadata(
+        slot_mapping=slots,
+        query_start_loc=torch.tensor(query_start_loc, dtype=torch.int32, device=device),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+        block_tables=block_tables,
+        max_query_len=max(query_lens),
+        max_seq_len=max(seq_lens),
+        query_start_loc_host=query_start_loc,
+        seq_lens_host=seq_lens,
+    )
+    input_ids = torch.tensor([token for chunk in chunks for token in chunk], device=device)
+    with forward_context(ForwardContext(metadata, cache.layers, backend)):
+        hidden = model(input_ids, positions)
+    return model.compute_logits(hidden)
+
+
+@torch.inference_mode()
+def run_greedy(
+    model: torch.nn.Module,
+    hf_config,
+    prompts: list[list[int]],
+    max_tokens: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    block_size: int = 16,
+) -> GreedyRun:
+    """Greedy-decode ``max_tokens`` tokens for every prompt, batched, recording all logits."""
+    blocks_per_seq = -(-(max(map(len, prompts)) + max_tokens) // block_size)
+    cache = KVCache(KVCacheSpec.from_hf_config(hf_config, dtype, block_size), len(prompts) * blocks_per_seq, device)
+    block_tables = torch.arange(cache.num_blocks, dtype=torch.int32, device=device).view(len(prompts), -1)
+    backend = get_attention_backend("auto", device)
+
+    lengths = [len(prompt) for prompt in prompts]
+    logits = forward_step(model, cache, backend, block_tables, prompts, [0] * len(prompts))
+    prefill_logits = list(logits.float().cpu().split(lengths))
+    next_tokens = torch.stack([rows[-1] for rows in prefill_logits]).argmax(-1)
+    tokens, decode_logits = [next_tokens], []
+    for step in range(max_tokens - 1):
+        starts = [length + step for length in lengths]
+        chunks = [[token] for token in next_tokens.tolist()]
+        logits = forward_step(model, cache, backend, block_tables, chunks, starts).float().cpu()
+        next_tokens = logits.argmax(-1)
+        tokens.append(next_tokens)
+        decode_logits.append(logits)
+    vocab = prefill_logits[0].shape[-1]
+    decode = torch.stack(decode_logits) if decode_logits else torch.empty(0, len(prompts), vocab)
+    return GreedyRun(prefill_logits, decode, torch.stack(tokens, dim=1))
+
+
+def compare(a: GreedyRun, b: GreedyRun, atol: float) -> Comparison:
+    prefill = max((x - y).abs().max().item() for x, y in zip(a.prefill_logits, b.prefill_logits))
+    first_divergence: list[int | None] = []
+    decode, compared = 0.0, 0
+    for seq, (tokens_a, tokens_b) in enumerate(zip(a.tokens.tolist(), b.tokens.tolist())):
+        diverged = next((i for i, (x, y) in enumerate(zip(tokens_a, tokens_b)) if x != y), None)
+        first_divergence.append(diverged)
+        # Decode step i reads token i: its inputs are the same in both runs only up to the first divergence.
+        steps = a.decode_logits.shape[0] if diverged is None else min(diverged, a.decode_logits.shape[0])
+        if steps:
+            decode = max(decode, (a.decode_logits[:steps, seq] - b.decode_logits[:steps, seq]).abs().max().item())
+            compared += steps
+    return Comparison(prefill, decode, compared, first_divergence, atol)
+
+
+def _impl_pair(text: str) -> list[str]:
+    impls = [impl.strip() for impl in text.split(",")]
+    if len(impls) != 2 or any(impl not in MODEL_IMPLS for impl in impls):
+        raise argparse.ArgumentTypeError(f"expected two of {MODEL_IMPLS} separated by a comma, got {text!r}")
+    return impls
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "check",
+        help="check that two implementations of a model agree (logits and greedy tokens)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("model", help="local HF folder, .gguf file or Hub id")
+    parser.add_argument("--model-impl", type=_impl_pair, default=["native", "transformers"],
+                        help="the two implementations to compare (default: native,transformers)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--prompts", nargs="+", default=None,
+                        help="text prompts, tokenized with the model's tokenizer (default: random token ids)")
+    parser.add_argument("--max-tokens", type=int, default=16, help="greedy tokens per prompt")
+    parser.add_argument("--atol", type=float, default=1e-4, help="largest |Δlogits| still counted as a match")
+    parser.add_argument("--seed", type=int, default=0, help="seed for the default random prompts")
+
+
+def _prompt_token_ids(args: argparse.Namespace, model_dir, hf_config) -> list[list[int]]:
+    if args.prompts is None:
+        generator = torch.Generator().manual_seed(args.seed)
+        vocab_size = hf_config.get_text_config().vocab_size
+        return [torch.randint(vocab_size, (n,), generator=generator).tolist() for n in DEFAULT_PROMPT_LENGTHS]
+    tokenizer = load_tokenizer(model_dir)
+    if tokenizer is None:
+        raise ValueError(f"{model_dir} has no tokenizer, so --prompts cannot be encoded; omit it to use random ids")
+    prompts = [tokenizer(prompt)["input_ids"] for prompt in args.prompts]
+    if not all(prompts):
+        raise ValueError("every prompt must encode to at least one token")
+    return prompts
+
+
+def run(args: argparse.Namespace) -> int:
+    from tfbackend.model_source import resolve_model
+
+    if args.max_tokens < 1:
+        raise ValueError(f"--max-tokens must be at least 1, got {args.max_tokens}")
+    model_dir = resolve_model(args.model)
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    prompts = _prompt_token_ids(args, model_dir, AutoConfig.from_pretrained(model_dir))
+
+    runs = []
+    for impl in args.model_impl:
+        hf_config = AutoConfig.from_pretrained(model_dir)  # fresh: HF loading may annotate the config
+        resolved = resolve(hf_config, impl)
+        print(f"{impl}: {resolved.model_class.__module__}.{resolved.model_class.__qualname__} ({resolved.reason})")
+        model = resolved.model_class.load(model_dir, hf_config, dtype, device)
+        runs.append(run_greedy(model, hf_config, prompts, args.max_tokens, dtype, device))
+        del model  # one model in memory at a time
+
+    result = compare(runs[0], runs[1], args.atol)
+    num_tokens = sum(map(len, prompts))
+    print(f"prompts: {len(prompts)} ({num_tokens} tokens), {args.max_tokens} greedy tokens each, {args.dtype}")
+    print(f"prefill: max |Δlogits| = {result.prefill_max_diff:.3e}")
+    print(f"decode:  max |Δlogits| = {result.decode_max_diff:.3e} over {result.decode_steps_compared} steps")
+    diverged = {seq: index for seq, index in enumerate(result.first_divergence) if index is not None}
+    agreeing = len(prompts) - len(diverged)
+    details = "".join(f"; prompt {seq} diverges at token {index}" for seq, index in diverged.items())
+    print(f"greedy:  {agreeing}/{len(prompts)} prompts identical{details}")
+    print(f"verdict: {'MATCH' if result.ok else 'MISMATCH'} (atol {args.atol:g})")
+    return 0 if result.ok else 1
