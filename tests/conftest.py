@@ -8,6 +8,12 @@ from pathlib import Path
 
 import pytest
 
+# Triton picks interpreter or compiler when it is first imported, and other test modules' imports
+# (transformers, torch) can import it before tests/test_triton_attention.py runs: choose here, first.
+# On a machine with a GPU the kernels compile for real.
+if not os.path.exists("/dev/nvidia0"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import re
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 
@@ -21,6 +22,7 @@ logger = logging.getLogger(__name__)
 PLUGIN_GROUP = "tfbackend.plugins"
 MODEL_IMPLS = ("auto", "native", "transformers")
 FALLBACK_CLASS = "tfbackend.adapter:TransformersForCausalLM"
+_LAZY_CLASS = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 
 # Architecture (HF config.architectures[0]) -> native implementation, imported lazily.
 _BUILTIN_NATIVE_MODELS: dict[str, str] = {
@@ -46,7 +48,7 @@ def register_model(architecture: str, model_class: str | type[nn.Module]) -> Non
 
     ``model_class`` is a class or a lazy ``"package.module:ClassName"`` string.
     """
-    if isinstance(model_class, str) and ":" not in model_class:
+    if isinstance(model_class, str) and not _LAZY_CLASS.fullmatch(model_class):
         raise ValueError(f"lazy model class must look like 'package.module:ClassName', got {model_class!r}")
     _native_models[architecture] = model_class
 

@@ -73,7 +73,8 @@ class BlockManager:
             parent = block_hash
         seq.num_hashed_blocks = len(seq.block_table)
         seq.num_computed_tokens = len(seq.block_table) * bs
-        seq.num_cached_tokens = seq.num_computed_tokens
+        if not seq.num_preemptions:  # a recomputed sequence finding its own blocks again is no prompt hit
+            seq.num_cached_tokens = seq.num_computed_tokens
 
     def can_allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
         needed = self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)

@@ -100,5 +100,6 @@ class Scheduler:
         self.block_manager.free_sequence(seq)
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
         self.waiting.appendleft(seq)
         self.num_preemptions += 1

@@ -37,6 +37,7 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache when first scheduled
+    num_preemptions: int = 0  # times preempted and sent back to be recomputed
     block_table: list[int] = field(default_factory=list)
     num_hashed_blocks: int = 0  # leading blocks of block_table already registered in the prefix cache
     generator: torch.Generator | None = None  # per-sequence RNG when the request has a seed
