@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -53,7 +54,32 @@ def paged_attention(
     options: LayerAttentionOptions,
 ) -> torch.Tensor:  # [T, H_q, D_v]
     """Store this step's K/V for one layer, then attend over each sequence's cached tokens."""
+    return torch.ops.tfbackend.paged_attention(
+        layer_idx, query, key, value, options.scale, options.sliding_window, options.softcap, options.sinks
+    )
+
+
+# A custom op, so that torch.compile traces a whole model as one graph with attention as an opaque call (it
+# reads the forward context and writes the KV cache, which no other op of the graph touches), instead of
+# breaking the graph at every layer.
+@torch.library.custom_op("tfbackend::paged_attention", mutates_args=())
+def _paged_attention_op(
+    layer_idx: int,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scale: float,
+    sliding_window: Optional[int],
+    softcap: Optional[float],
+    sinks: Optional[torch.Tensor],
+) -> torch.Tensor:
     ctx = get_forward_context()
     key_cache, value_cache = ctx.kv_caches[layer_idx]
     ctx.backend.write_kv(key, value, key_cache, value_cache, ctx.metadata.slot_mapping)
+    options = LayerAttentionOptions(scale, sliding_window, softcap, sinks)
     return ctx.backend.attend(query, key_cache, value_cache, ctx.metadata, options)
+
+
+@_paged_attention_op.register_fake
+def _(layer_idx, query, key, value, scale, sliding_window, softcap, sinks):
+    return query.new_empty(query.shape[0], query.shape[1], value.shape[-1])

@@ -18,10 +18,12 @@ from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 from tfbackend.attention import get_attention_backend
 from tfbackend.config import EngineConfig
 from tfbackend.engine.block_manager import BlockManager
+from tfbackend.engine.cuda_graphs import GRAPH_SAFE_BACKENDS, CompiledForward
 from tfbackend.engine.detokenizer import Detokenizer, find_stop_string
-from tfbackend.engine.model_runner import ModelRunner
-from tfbackend.engine.sampler import Sampler
-from tfbackend.engine.scheduler import Scheduler
+from tfbackend.engine.device import placeholder
+from tfbackend.engine.model_runner import ModelRunner, PendingStep
+from tfbackend.engine.sampler import Sampler, reads_token_history
+from tfbackend.engine.scheduler import ScheduledBatch, Scheduler
 from tfbackend.engine.sequence import Sequence
 from tfbackend.kv_cache import KVCache, KVCacheSpec, num_blocks_for_budget
 from tfbackend.outputs import CompletionOutput, Logprob, RequestOutput
@@ -31,6 +33,9 @@ from tfbackend.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
+# Kept free for the CUDA graphs' memory pool, allocated after the KV cache. Decode activations are small
+# (hidden states of at most max_num_seqs tokens); capture logs what the pool really took.
+CUDA_GRAPH_MEMORY_RESERVE = 512 << 20
 
 
 @dataclass
@@ -82,6 +87,10 @@ class LLMEngine:
         self.eos_token_ids = eos_token_ids(self.model_dir, hf_config, self.tokenizer)
 
         self.attention_backend = get_attention_backend(config.attention_backend, self.device)
+        self.use_cuda_graphs = self._use_cuda_graphs()
+        # Graph mode compiles the model too (enforce_eager turns both off); the profiling run compiles it.
+        self.forward = CompiledForward(self.model) if self.use_cuda_graphs else self.model
+        self.sampler = Sampler(self.device, config.seed, self.eos_token_ids)
         spec = KVCacheSpec.from_hf_config(hf_config, self.dtype, config.block_size)
         num_blocks = num_blocks_for_budget(spec, self._kv_cache_budget(spec), self.max_model_len)
         self.kv_cache = KVCache(spec, num_blocks, self.device)
@@ -91,8 +100,14 @@ class LLMEngine:
         )
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        self.sampler = Sampler(self.device, config.seed, self.eos_token_ids)
-        self.runner = ModelRunner(self.model, self.kv_cache, self.attention_backend, self.sampler, self.device)
+        self.runner = ModelRunner(
+            self.model, self.kv_cache, self.attention_backend, self.sampler, self.device, self.forward
+        )
+        self.run_ahead = self.device.type == "cuda"  # see step(); on a CPU nothing would overlap
+        self._pending: PendingStep | None = None
+        if self.use_cuda_graphs:
+            max_batch = min(config.max_num_seqs, config.max_num_batched_tokens)
+            self.runner.capture_cuda_graphs(max_batch, self.max_model_len)
         self.detokenizer = Detokenizer(self.tokenizer) if self.tokenizer is not None else None
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
@@ -156,18 +171,52 @@ class LLMEngine:
     # ---- stepping -------------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Run one model step; return outputs of streaming requests that progressed and of finished ones."""
+        """Run one model step; return outputs of streaming requests that progressed and of finished ones.
+
+        On CUDA the engine runs a step ahead: it queues step N+1 before it waits for step N's tokens, so the
+        host's bookkeeping, scheduling and preparation overlap the GPU's work. Step N+1's inputs include step
+        N's tokens as placeholders, which the device fills in. Stops are therefore seen one step late: a
+        sequence that finished at step N also ran in step N+1, whose token for it is dropped. Batches whose
+        sampling reads earlier tokens on the host (penalties) wait for step N first.
+        """
         batch = self.scheduler.schedule()
-        if not batch.seqs:
-            return []
-        sampled_seqs, sampled = self.runner.execute(batch)
+        previous, self._pending = self._pending, None
+        outputs: list[RequestOutput] = []
+        if previous is not None and any(reads_token_history(seq.params) for seq in batch.seqs):
+            outputs += self._process(previous)
+            previous = None
+            batch = _without_finished(batch)
+        pending = self.runner.launch(batch, previous) if batch.seqs else None
         for seq, num_new in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += num_new
-            self.block_manager.cache_full_blocks(seq)
+        if previous is not None:
+            outputs += self._process(previous)
+        for seq in batch.seqs:
+            if not seq.is_finished:  # a finished sequence's blocks are freed
+                self.block_manager.cache_full_blocks(seq)
+        if pending is not None and self.run_ahead:
+            self._pending = pending
+            for row, seq in enumerate(pending.seqs):
+                if not seq.is_finished:
+                    seq.token_ids.append(placeholder(row))
+        elif pending is not None:
+            outputs += self._process(pending)
+        return outputs
+
+    def _process(self, pending: PendingStep) -> list[RequestOutput]:
+        """Take a launched step's tokens (waiting for the device) and apply them to its sequences."""
+        sampled = pending.fetch()
         now = time.monotonic()
         progressed: dict[str, Request] = {}
-        for row, seq in enumerate(sampled_seqs):
-            self._append_token(seq, sampled.token_ids[row], sampled.logprobs[row], now)
+        for row, seq in enumerate(pending.seqs):
+            if seq.is_finished:  # finished or aborted while its step ran ahead
+                continue
+            token = sampled.token_ids[row]
+            if self.run_ahead:
+                seq.token_ids[-1] = token  # its placeholder
+            else:
+                seq.token_ids.append(token)
+            self._accept_token(seq, token, sampled.logprobs[row], now)
             progressed[seq.request_id] = self.requests[seq.request_id]
         outputs = []
         for request in progressed.values():
@@ -177,8 +226,8 @@ class LLMEngine:
                 outputs.append(self._make_output(request))
         return outputs
 
-    def _append_token(self, seq: Sequence, token: int, logprobs, now: float) -> None:
-        seq.token_ids.append(token)
+    def _accept_token(self, seq: Sequence, token: int, logprobs, now: float) -> None:
+        """Bookkeeping for a token just placed at the end of ``seq``: timing, logprobs, stop conditions."""
         if seq.first_token_time is None:
             seq.first_token_time = now
         if logprobs is not None:
@@ -278,15 +327,59 @@ class LLMEngine:
             raise ValueError(f"max_model_len={requested} exceeds the model's max_position_embeddings={model_max}")
         return requested
 
+    def _use_cuda_graphs(self) -> bool:
+        if self.device.type != "cuda" or self.config.enforce_eager:
+            return False
+        if self.attention_backend.name not in GRAPH_SAFE_BACKENDS:
+            logger.info("no CUDA graphs: the %s attention backend runs eagerly", self.attention_backend.name)
+            return False
+        return True
+
     def _kv_cache_budget(self, spec: KVCacheSpec) -> int:
+        """Bytes for the KV cache: what ``gpu_memory_utilization`` of the GPU leaves after the peak of a
+        profiled largest step (weights, activations, sampler temporaries), other processes' memory and the
+        CUDA graphs' pool."""
         if self.config.kv_cache_memory is not None:
             return self.config.kv_cache_memory
         if self.device.type != "cuda":
             return DEFAULT_CPU_KV_CACHE_BYTES
+        peak = self._profile_peak_memory(spec)
         free, total = torch.cuda.mem_get_info(self.device)
-        used_elsewhere = total - free - torch.cuda.memory_reserved(self.device)
-        peak = torch.cuda.max_memory_allocated(self.device)  # weights (activations are small next to KV)
-        return int(total * self.config.gpu_memory_utilization) - used_elsewhere - peak
+        used_elsewhere = total - free - torch.cuda.memory_reserved(self.device)  # CUDA context, other processes
+        graphs = CUDA_GRAPH_MEMORY_RESERVE if self.use_cuda_graphs else 0
+        budget = int(total * self.config.gpu_memory_utilization) - used_elsewhere - peak - graphs
+        logger.info(
+            "GPU memory: %.2f GiB total, %.2f GiB used elsewhere, peak of the largest step %.2f GiB, "
+            "CUDA graph reserve %.2f GiB -> KV cache %.2f GiB",
+            total / 2**30, used_elsewhere / 2**30, peak / 2**30, graphs / 2**30, budget / 2**30,
+        )
+        if budget <= 0:
+            raise ValueError(
+                f"no GPU memory is left for the KV cache at gpu_memory_utilization="
+                f"{self.config.gpu_memory_utilization} (largest step peaks at {peak / 2**30:.2f} GiB): raise it, "
+                f"or lower max_num_batched_tokens / max_num_seqs"
+            )
+        return budget
+
+    def _profile_peak_memory(self, spec: KVCacheSpec) -> int:
+        """Peak allocated bytes of the largest step, run with a one-block KV cache and a throwaway sampler."""
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        sampler = Sampler(self.device, self.config.seed, self.eos_token_ids)  # leaves self.sampler's RNG as is
+        runner = ModelRunner(
+            self.model, KVCache(spec, 1, self.device), self.attention_backend, sampler, self.device, self.forward
+        )
+        runner.profile_run(self.config.max_num_batched_tokens, self.config.max_num_seqs, self.max_model_len)
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        del runner
+        torch.cuda.empty_cache()  # hand the activations' cached blocks back, for the KV cache's one allocation
+        return peak
+
+
+def _without_finished(batch: ScheduledBatch) -> ScheduledBatch:
+    kept = [(seq, n) for seq, n in zip(batch.seqs, batch.num_new_tokens) if not seq.is_finished]
+    return ScheduledBatch([seq for seq, _ in kept], [n for _, n in kept], batch.num_preempted)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")

@@ -5,6 +5,9 @@ the argmax; sampled rows are divided by their temperature, top-k and top-p filte
 filtered and drawn with the exponential race (argmax of p / q, q ~ Exp(1)), which needs no host sync.
 Rows with a seed draw their noise from their own generator, so a seeded request samples the same tokens
 whatever else shares its batch. Logprobs are those of the raw model distribution.
+
+Per-row parameters reach the GPU with non-blocking copies (``device.upload``): the only wait for the GPU is
+the final fetch of the sampled tokens (and of logprobs, when asked for).
 """
 
 from __future__ import annotations
@@ -13,7 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
+from tfbackend.engine.device import upload
 from tfbackend.engine.sequence import Sequence
+from tfbackend.sampling_params import SamplingParams
 
 
 @dataclass
@@ -41,10 +46,10 @@ class SamplingTensors:
         params = [seq.params for seq in seqs]
         top_k = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params]
         return cls(
-            temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32).to(device),
-            top_k=torch.tensor(top_k, dtype=torch.long).to(device),
-            top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32).to(device),
-            min_p=torch.tensor([p.min_p for p in params], dtype=torch.float32).to(device),
+            temperature=host_tensor([p.temperature for p in params], torch.float32, device),
+            top_k=host_tensor(top_k, torch.long, device),
+            top_p=host_tensor([p.top_p for p in params], torch.float32, device),
+            min_p=host_tensor([p.min_p for p in params], torch.float32, device),
             all_greedy=all(p.greedy for p in params),
             any_top_k=any(k < vocab_size for k in top_k),
             any_top_p=any(p.top_p < 1.0 for p in params),
@@ -60,17 +65,20 @@ class Sampler:
         self.generator.manual_seed(seed)
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
+        sampled, raw_logits = self.sample_on_device(logits, seqs)
+        return SamplerOutput(sampled.tolist(), self.gather_logprobs(raw_logits, sampled, seqs))
+
+    def sample_on_device(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queue the sampling; returns the sampled ids (``[N]``, still on the device) and the raw logits."""
         logits = logits.float()
         raw_logits = logits
         logits = self.apply_penalties(logits, seqs)
         logits = self.mask_stop_tokens_before_min_tokens(logits, seqs)
-        tensors = SamplingTensors.from_sequences(seqs, logits.shape[-1], logits.device)
-        if tensors.all_greedy:
+        if all(seq.params.greedy for seq in seqs):  # no per-row tensors to build
             sampled = logits.argmax(dim=-1)
         else:
-            sampled = self.sample(logits, seqs, tensors)
-        token_ids = sampled.tolist()
-        return SamplerOutput(token_ids, self.gather_logprobs(raw_logits, sampled, seqs))
+            sampled = self.sample(logits, seqs, SamplingTensors.from_sequences(seqs, logits.shape[-1], logits.device))
+        return sampled, raw_logits
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence], t: SamplingTensors) -> torch.Tensor:
         greedy_rows = t.temperature == 0
@@ -91,22 +99,26 @@ class Sampler:
 
     def apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         params = [seq.params for seq in seqs]
-        if all(
-            p.repetition_penalty == 1.0 and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0
-            for p in params
-        ):
+        if not any(reads_token_history(p) for p in params):
             return logits
         num_rows, vocab = logits.shape
         device = logits.device
+        # Every (row, token) pair of the batch in one upload each, rather than tensors per row.
+        out_rows = [row for row, seq in enumerate(seqs) for _ in range(seq.num_output_tokens)]
+        out_ids = [token for seq in seqs for token in seq.output_token_ids]
+        all_rows = [row for row, seq in enumerate(seqs) for _ in range(seq.num_tokens)]
+        all_ids = [token for seq in seqs for token in seq.token_ids]
         output_counts = torch.zeros(num_rows, vocab, device=device)
+        output_counts.index_put_(
+            (host_tensor(out_rows, torch.long, device), host_tensor(out_ids, torch.long, device)),
+            torch.ones(len(out_ids), device=device),
+            accumulate=True,
+        )
         seen = torch.zeros(num_rows, vocab, dtype=torch.bool, device=device)
-        for row, seq in enumerate(seqs):
-            out_ids = torch.tensor(seq.output_token_ids, dtype=torch.long, device=device)
-            output_counts[row].index_add_(0, out_ids, torch.ones_like(out_ids, dtype=torch.float32))
-            seen[row, torch.tensor(seq.token_ids, dtype=torch.long, device=device)] = True
-        repetition = torch.tensor([p.repetition_penalty for p in params], device=device)[:, None]
-        presence = torch.tensor([p.presence_penalty for p in params], device=device)[:, None]
-        frequency = torch.tensor([p.frequency_penalty for p in params], device=device)[:, None]
+        seen[host_tensor(all_rows, torch.long, device), host_tensor(all_ids, torch.long, device)] = True
+        repetition = host_tensor([p.repetition_penalty for p in params], torch.float32, device)[:, None]
+        presence = host_tensor([p.presence_penalty for p in params], torch.float32, device)[:, None]
+        frequency = host_tensor([p.frequency_penalty for p in params], torch.float32, device)[:, None]
         # Repetition (prompt and output tokens): shrink positive logits, push negative ones further down.
         penalised = torch.where(logits > 0, logits / repetition, logits * repetition)
         logits = torch.where(seen, penalised, logits)
@@ -126,7 +138,8 @@ class Sampler:
                     cols.append(token)
         if rows:
             logits = logits.clone()
-            logits[torch.tensor(rows), torch.tensor(cols)] = float("-inf")
+            device = logits.device
+            logits[host_tensor(rows, torch.long, device), host_tensor(cols, torch.long, device)] = float("-inf")
         return logits
 
     def gather_logprobs(self, raw_logits: torch.Tensor, sampled: torch.Tensor, seqs: list[Sequence]):
@@ -147,6 +160,15 @@ class Sampler:
             k = wanted[row]
             result[row] = (chosen_logprob[i], ranks[i], top_ids[i][:k], top_logprobs[i][:k])
         return result
+
+
+def reads_token_history(params: SamplingParams) -> bool:
+    """Whether sampling for these params reads the sequence's earlier tokens on the host (the penalties)."""
+    return params.repetition_penalty != 1.0 or params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
+
+
+def host_tensor(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return upload(torch.tensor(values, dtype=dtype), device)
 
 
 def apply_top_k_top_p(

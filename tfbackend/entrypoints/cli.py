@@ -9,6 +9,7 @@ import sys
 
 # Sub-command name -> module defining add_parser(subparsers) and run(args) -> int.
 SUBCOMMANDS = {
+    "bench": "tfbackend.entrypoints.bench",
     "check": "tfbackend.entrypoints.check",
     "generate": "tfbackend.entrypoints.generate",
     "serve": "tfbackend.entrypoints.serve",

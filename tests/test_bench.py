@@ -1,0 +1,52 @@
+"""``tfbackend bench`` end to end on the tiny random preset, on the CPU: it runs and writes complete JSON."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tfbackend.entrypoints.cli import main
+
+COMMON = ["--random-weights", "tiny-llama", "--kv-cache-memory", "16MiB", "--impl", "native,transformers"]
+ROW_FIELDS = {"scenario", "system", "floor_fraction"}
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TFBACKEND_CACHE", str(tmp_path / "cache"))
+
+
+def test_throughput(tmp_path):
+    out = tmp_path / "t1.json"
+    args = ["bench", "throughput", *COMMON, "--num-requests", "4", "--input-len-min", "4", "--input-len-max", "16",
+            "--output-len", "4", "--peers", "hf-generate", "--output", str(out)]
+    assert main(args) == 0
+    doc = json.loads(out.read_text())
+    assert {"date", "versions", "hardware", "model", "workload", "engine", "results"} <= set(doc)
+    assert doc["hardware"]["bandwidth"] > 0 and doc["hardware"]["matmul_rate"] > 0
+    assert [row["system"] for row in doc["results"]] == ["tfbackend[native]", "tfbackend[transformers]", "hf-generate"]
+    for row in doc["results"]:
+        assert ROW_FIELDS | {"output_tok_s", "total_tok_s", "elapsed_s", "floor_s"} <= set(row)
+        assert row["output_tokens"] == 4 * 4
+        assert row["total_tok_s"] > row["output_tok_s"] > 0
+        assert 0 < row["floor_fraction"]
+
+
+def test_latency(tmp_path):
+    out = tmp_path / "t2.json"
+    args = ["bench", "latency", *COMMON, "--batch-size", "1,2", "--input-len", "8", "--output-len", "4",
+            "--num-iters", "1", "--output", str(out)]
+    assert main(args) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [(row["system"], row["batch_size"]) for row in rows] == [
+        ("tfbackend[native]", 1), ("tfbackend[native]", 2),
+        ("tfbackend[transformers]", 1), ("tfbackend[transformers]", 2),
+    ]
+    for row in rows:
+        assert ROW_FIELDS | {"ms_per_token", "ttft_ms", "floor_ms_per_token"} <= set(row)
+        assert row["ms_per_token"] > 0 and row["ttft_ms"] > 0
+
+
+def test_rejects_a_single_output_token(tmp_path):
+    assert main(["bench", "latency", *COMMON, "--output-len", "1"]) == 2

@@ -1,0 +1,202 @@
+"""``tfbackend bench throughput|latency``: T1 and T2 on tfbackend and HF peers, against the hardware floor.
+
+    tfbackend bench throughput --random-weights llama-3.2-1b --impl native,transformers --peers hf-generate,hf-cb
+    tfbackend bench latency --model PATH --batch-size 1,8,32 --output latency.json --plot latency.png
+
+Each implementation in ``--impl`` and each peer runs the same seeded workload on the same weights, one after
+the other in this process. The table gives every result and its fraction of the hardware floor (see
+``tfbackend.bench.floor``); ``--output`` saves it as JSON and ``--plot`` draws it (if matplotlib is there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig
+
+from tfbackend.bench import peers as hf_peers
+from tfbackend.bench import report
+from tfbackend.bench.floor import ModelCost, latency_floor, measure_hardware, throughput_floor
+from tfbackend.bench.presets import PRESETS, random_checkpoint
+from tfbackend.bench.workloads import LatencyWorkload, ThroughputWorkload, run_latency, run_throughput
+from tfbackend.config import EngineConfig
+from tfbackend.entrypoints.engine_args import add_engine_args, engine_config_from_args
+from tfbackend.llm import LLM
+from tfbackend.registry import MODEL_IMPLS
+
+
+def _choices(allowed: tuple[str, ...]):
+    def parse(text: str) -> list[str]:
+        items = [item.strip() for item in text.split(",") if item.strip()]
+        unknown = [item for item in items if item not in allowed]
+        if unknown or not items:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {allowed}, got {text!r}")
+        return items
+    return parse
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(item) for item in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if any(value < 1 for value in values):
+        raise argparse.ArgumentTypeError(f"batch sizes must be positive, got {text!r}")
+    return values
+
+
+def add_parser(subparsers) -> None:
+    bench = subparsers.add_parser("bench", help="benchmark throughput (T1) or latency (T2)", description=__doc__,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    scenarios = bench.add_subparsers(dest="scenario", required=True)
+    throughput = scenarios.add_parser("throughput", help="T1: many requests at once, tokens per second")
+    throughput.add_argument("--num-requests", type=int, default=256)
+    throughput.add_argument("--input-len-min", type=int, default=64)
+    throughput.add_argument("--input-len-max", type=int, default=512)
+    throughput.add_argument("--output-len", type=int, default=256)
+    throughput.add_argument("--hf-generate-requests", type=int, default=None,
+                            help="run hf-generate on only the first N requests (one padded batch; default: all)")
+    latency = scenarios.add_parser("latency", help="T2: a small batch, ms per output token and time to first token")
+    latency.add_argument("--batch-size", type=_int_list, default=[1], help="e.g. 1,8,32")
+    latency.add_argument("--input-len", type=int, default=128)
+    latency.add_argument("--output-len", type=int, default=256)
+    latency.add_argument("--num-iters", type=int, default=3, help="measured runs per batch size (median)")
+    for parser in (throughput, latency):
+        source = parser.add_mutually_exclusive_group(required=True)
+        source.add_argument("--model", help="local HF folder, .gguf file or Hub id")
+        source.add_argument("--random-weights", choices=sorted(PRESETS), help="random weights of a real model's shape")
+        parser.add_argument("--impl", type=_choices(MODEL_IMPLS), default=None,
+                            help="tfbackend implementations to run, e.g. native,transformers (default: --model-impl)")
+        parser.add_argument("--peers", type=_choices(hf_peers.PEERS), default=[],
+                            help="HF baselines on the same workload: hf-generate,hf-cb")
+        parser.add_argument("--output", type=Path, default=None, help="write the results as JSON")
+        parser.add_argument("--plot", type=Path, default=None, help="draw the results as a PNG (needs matplotlib)")
+        add_engine_args(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.output_len < 2:
+        raise ValueError("--output-len must be at least 2 (a first token and one decode step)")
+    model_dir = random_checkpoint(args.random_weights) if args.random_weights else _resolve(args.model)
+    base = engine_config_from_args(args, model_dir)
+    hf_config = AutoConfig.from_pretrained(model_dir)
+    device = base.torch_device()
+    dtype = base.torch_dtype(hf_config, device)
+    vocab_size = hf_config.get_text_config().vocab_size
+    print(f"measuring {device} (copy bandwidth, {dtype} matrix product)...")
+    hardware = measure_hardware(device, dtype)
+    print(f"  {hardware.bandwidth / 1e9:,.0f} GB/s, {hardware.matmul_rate / 1e12:,.1f} TFLOP/s")
+    cost = ModelCost.from_checkpoint(model_dir, hf_config, dtype)
+    scenario = _throughput if args.scenario == "throughput" else _latency
+    rows, workload = scenario(args, base, model_dir, cost, hardware, vocab_size, dtype)
+
+    doc = report.document(
+        rows,
+        hardware=dataclasses.asdict(hardware),
+        model={"name": args.random_weights or str(args.model), "path": str(model_dir), "dtype": str(dtype),
+               **dataclasses.asdict(cost)},
+        workload={"scenario": args.scenario, **dataclasses.asdict(workload)},
+        engine={k: v for k, v in dataclasses.asdict(base).items() if k not in ("model", "tokenizer", "model_impl")},
+    )
+    if args.output is not None:
+        report.write_json(doc, args.output)
+        print(f"results written to {args.output}")
+    if args.plot is not None:
+        print(report.plot(doc, args.plot))
+    print(f"\n{args.scenario} on {hardware.device}, {doc['model']['name']} ({dtype}):")
+    print(report.format_table(rows))
+    return 0
+
+
+def _resolve(model: str) -> Path:
+    from tfbackend.model_source import resolve_model
+
+    return resolve_model(model)
+
+
+def _throughput(args, base: EngineConfig, model_dir: Path, cost: ModelCost, hardware, vocab_size: int, dtype):
+    workload = ThroughputWorkload(args.num_requests, args.input_len_min, args.input_len_max, args.output_len, args.seed)
+    if not 1 <= workload.input_min <= workload.input_max:
+        raise ValueError("need 1 <= --input-len-min <= --input-len-max")
+    prompts = workload.prompts(vocab_size)
+
+    def floor(subset: list[list[int]]) -> float:
+        return throughput_floor(cost, hardware, [len(p) for p in subset], workload.output_len,
+                                base.max_num_seqs, base.max_num_batched_tokens)
+
+    def on_engine(llm: LLM, system: str) -> list[dict]:
+        print(f"{system}: {workload.num_requests} requests...")
+        return [report.throughput_row(system, run_throughput(llm, workload, vocab_size), floor(prompts))]
+
+    def on_hf_model(model) -> list[dict]:
+        rows = []
+        if "hf-generate" in args.peers:
+            subset = prompts[: args.hf_generate_requests or len(prompts)]
+            print(f"hf-generate: {len(subset)} requests as one padded batch...")
+            result = hf_peers.hf_generate_throughput(model, subset, workload.output_len)
+            note = f"first {len(subset)} of {len(prompts)} requests" if len(subset) < len(prompts) else ""
+            rows.append(report.throughput_row("hf-generate", result, floor(subset), note))
+        if "hf-cb" in args.peers:
+            print(f"hf-cb: {len(prompts)} requests...")
+            result = hf_peers.hf_cb_throughput(model, prompts, workload.output_len)
+            rows.append(report.throughput_row("hf-cb", result, floor(prompts)))
+        return rows
+
+    return _run_all(args, base, model_dir, dtype, on_engine, on_hf_model), workload
+
+
+def _latency(args, base: EngineConfig, model_dir: Path, cost: ModelCost, hardware, vocab_size: int, dtype):
+    workload = LatencyWorkload(args.batch_size, args.input_len, args.output_len, args.num_iters, args.seed)
+
+    def row(system: str, result) -> dict:
+        return report.latency_row(system, result, *latency_floor(cost, hardware, result.batch_size,
+                                                                 workload.input_len, workload.output_len))
+
+    def on_engine(llm: LLM, system: str) -> list[dict]:
+        print(f"{system}: batch sizes {workload.batch_sizes}...")
+        return [row(system, result) for result in run_latency(llm, workload, vocab_size)]
+
+    def on_hf_model(model) -> list[dict]:
+        peer_runs = {"hf-generate": hf_peers.hf_generate_latency, "hf-cb": hf_peers.hf_cb_latency}
+        rows = []
+        for peer in args.peers:
+            for batch_size in workload.batch_sizes:
+                print(f"{peer}: batch size {batch_size}...")
+                prompts = workload.prompts(batch_size, vocab_size, 0)
+                rows.append(row(peer, peer_runs[peer](model, prompts, workload.output_len)))
+        return rows
+
+    return _run_all(args, base, model_dir, dtype, on_engine, on_hf_model), workload
+
+
+def _run_all(args, base: EngineConfig, model_dir: Path, dtype, on_engine, on_hf_model) -> list[dict]:
+    """Each implementation, then the peers on one shared HF model; one model in GPU memory at a time."""
+    rows = []
+    for impl in args.impl or [base.model_impl]:
+        rows += _with_engine(dataclasses.replace(base, model_impl=impl), on_engine)
+    if args.peers:
+        model = hf_peers.load_hf_model(model_dir, dtype, base.torch_device())
+        rows += on_hf_model(model)
+        del model
+        _free_gpu_memory()
+    return rows
+
+
+def _with_engine(config: EngineConfig, fn) -> list[dict]:
+    llm = LLM.from_config(config)
+    try:
+        return fn(llm, f"tfbackend[{llm.model_impl}]")
+    finally:
+        del llm
+        _free_gpu_memory()
+
+
+def _free_gpu_memory() -> None:
+    """Collect the dropped engine or model (reference cycles included) and return its cached GPU memory."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
