@@ -116,6 +116,32 @@ def test_a_tokenizer_that_drops_a_leading_space_keeps_it_thanks_to_prompt_contex
     assert seq.output_text == " world again!"
 
 
+def test_decoding_a_whole_output_at_the_end_keeps_the_leading_space() -> None:
+    """Non-streaming requests decode once, when they finish: with the same prompt context."""
+    tokenizer = SentencePieceLike()
+    seq = Sequence(next(_ids), "req", 0, [0], 1, SamplingParams())
+    detok = Detokenizer(tokenizer)
+    detok.start(seq)
+    seq.token_ids += [1, 2, 3]
+    detok.decode_new_tokens(seq, final=True)
+    assert seq.output_text == " world again!"
+
+
+def test_final_decode_emits_a_trailing_incomplete_character(tokenizer) -> None:
+    emoji_ids = tokenizer.encode(" 🎉")
+    assert len(emoji_ids) > 1
+    detok = Detokenizer(tokenizer)
+    seq = new_seq(tokenizer, SamplingParams())
+    detok.start(seq)
+    seq.token_ids += tokenizer.encode(" ok")
+    detok.decode_new_tokens(seq)
+    seq.token_ids += emoji_ids[:-1]  # the output ends inside the emoji
+    assert detok.decode_new_tokens(seq) == ""  # held back while more bytes may come
+    assert seq.output_text == " ok"
+    detok.decode_new_tokens(seq, final=True)
+    assert seq.output_text.startswith(" ok") and seq.output_text.endswith("\ufffd")
+
+
 # ---------------------------------------------------------------------------------------- stop strings
 
 

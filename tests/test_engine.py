@@ -218,6 +218,11 @@ def test_prompt_too_long_is_rejected_clearly(checkpoint) -> None:
         engine.add_request("empty", [], SamplingParams())
     with pytest.raises(ValueError, match=r"token ids must be in \[0, 256\)"):
         engine.add_request("vocab", [5, 256], SamplingParams())
+    # Ids the sampler would index with are checked up front, so one request cannot fail a whole step.
+    with pytest.raises(ValueError, match=r"stop_token_ids must be in \[0, 256\)"):
+        engine.add_request("stop", [5], SamplingParams(stop_token_ids=[256], min_tokens=2))
+    with pytest.raises(ValueError, match="logprobs must be at most the vocabulary size 256"):
+        engine.add_request("logprobs", [5], SamplingParams(logprobs=257))
     assert not engine.has_unfinished_requests()
     # The longest allowed prompt generates exactly one token, up to max_model_len.
     out = run(engine, {"r": ([5] * (MAX_MODEL_LEN - 1), SamplingParams(temperature=0.0, max_tokens=10))})["r"]

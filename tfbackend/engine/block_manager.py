@@ -82,9 +82,9 @@ class BlockManager:
 
     def allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
         """Give ``seq`` enough blocks for ``num_new_tokens`` more tokens; False (and no change) if full."""
-        needed = self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
-        if needed > len(self.free):
+        if not self.can_allocate(seq, num_new_tokens):
             return False
+        needed = self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
         for _ in range(needed):
             block_id = next(iter(self.free))
             self._take(block_id)

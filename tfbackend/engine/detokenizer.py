@@ -22,13 +22,16 @@ class Detokenizer:
         seq.read_offset = seq.num_prompt_tokens
         seq.prefix_offset = max(seq.num_prompt_tokens - INITIAL_CONTEXT_TOKENS, 0)
 
-    def decode_new_tokens(self, seq: Sequence) -> str:
-        """Append the text of newly generated tokens to ``seq.output_text``; return what was added."""
+    def decode_new_tokens(self, seq: Sequence, final: bool = False) -> str:
+        """Append the text of newly generated tokens to ``seq.output_text``; return what was added.
+
+        ``final``: the sequence has ended, so a trailing incomplete character is emitted as decoded.
+        """
         skip = seq.params.skip_special_tokens
         ids = seq.token_ids
         prefix_text = self.tokenizer.decode(ids[seq.prefix_offset : seq.read_offset], skip_special_tokens=skip)
         full_text = self.tokenizer.decode(ids[seq.prefix_offset :], skip_special_tokens=skip)
-        if len(full_text) <= len(prefix_text) or full_text.endswith("\ufffd"):
+        if len(full_text) <= len(prefix_text) or (full_text.endswith("\ufffd") and not final):
             return ""
         new_text = full_text[len(prefix_text) :]
         seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)

@@ -137,6 +137,10 @@ class LLMEngine:
         vocab = self.hf_config.get_text_config().vocab_size
         if any(not 0 <= t < vocab for t in token_ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if any(not 0 <= t < vocab for t in params.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be in [0, {vocab})")
+        if params.logprobs is not None and params.logprobs > vocab:
+            raise ValueError(f"logprobs must be at most the vocabulary size {vocab}, got {params.logprobs}")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this model has none")
         seqs = [self._new_sequence(request_id, i, token_ids, params) for i in range(params.n)]
@@ -251,13 +255,7 @@ class LLMEngine:
         seq.finish_reason, seq.stop_reason = reason, stop_reason
         self.scheduler.finish(seq)
         if self.detokenizer is not None and not isinstance(stop_reason, str):
-            while self.detokenizer.decode_new_tokens(seq):  # flush text not yet decoded
-                pass
-            if seq.read_offset < seq.num_tokens:  # a trailing incomplete character: emit it as decoded
-                seq.output_text += self.tokenizer.decode(
-                    seq.token_ids[seq.read_offset :], skip_special_tokens=seq.params.skip_special_tokens
-                )
-                seq.read_offset = seq.num_tokens
+            self.detokenizer.decode_new_tokens(seq, final=True)  # the text not yet decoded, with its context
 
     def _logprob_dict(self, token: int, logprobs) -> dict[int, Logprob]:
         chosen, rank, top_ids, top_values = logprobs

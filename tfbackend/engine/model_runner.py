@@ -60,10 +60,12 @@ class PendingStep:
     plain ``tokens.tolist()`` would also wait for every step queued after it.
     """
 
-    def __init__(self, seqs: list[Sequence], tokens: torch.Tensor, raw_logits: torch.Tensor, sampler: Sampler):
+    def __init__(
+        self, seqs: list[Sequence], tokens: torch.Tensor, raw_logits: torch.Tensor | None, sampler: Sampler
+    ):
         self.seqs = seqs  # the sequences that sample, in row order
         self.tokens = tokens  # [N] sampled ids, on the device
-        self.raw_logits = raw_logits  # for logprobs
+        self.raw_logits = raw_logits  # for logprobs; None when no row asked for them
         self.sampler = sampler
         self.ready: torch.cuda.Event | None = None
         if tokens.is_cuda:

@@ -36,7 +36,6 @@ class SamplingTensors:
     top_k: torch.Tensor  # [N] int; V disables
     top_p: torch.Tensor  # [N]
     min_p: torch.Tensor  # [N]
-    all_greedy: bool
     any_top_k: bool
     any_top_p: bool
     any_min_p: bool
@@ -50,7 +49,6 @@ class SamplingTensors:
             top_k=host_tensor(top_k, torch.long, device),
             top_p=host_tensor([p.top_p for p in params], torch.float32, device),
             min_p=host_tensor([p.min_p for p in params], torch.float32, device),
-            all_greedy=all(p.greedy for p in params),
             any_top_k=any(k < vocab_size for k in top_k),
             any_top_p=any(p.top_p < 1.0 for p in params),
             any_min_p=any(p.min_p > 0.0 for p in params),
@@ -68,10 +66,13 @@ class Sampler:
         sampled, raw_logits = self.sample_on_device(logits, seqs)
         return SamplerOutput(sampled.tolist(), self.gather_logprobs(raw_logits, sampled, seqs))
 
-    def sample_on_device(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Queue the sampling; returns the sampled ids (``[N]``, still on the device) and the raw logits."""
+    def sample_on_device(
+        self, logits: torch.Tensor, seqs: list[Sequence]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Queue the sampling; returns the sampled ids (``[N]``, still on the device) and the raw logits,
+        kept only when a row asks for logprobs (a run-ahead step holds them while the next one runs)."""
         logits = logits.float()
-        raw_logits = logits
+        raw_logits = logits if any(seq.params.logprobs is not None for seq in seqs) else None
         logits = self.apply_penalties(logits, seqs)
         logits = self.mask_stop_tokens_before_min_tokens(logits, seqs)
         if all(seq.params.greedy for seq in seqs):  # no per-row tensors to build
@@ -142,10 +143,10 @@ class Sampler:
             logits[host_tensor(rows, torch.long, device), host_tensor(cols, torch.long, device)] = float("-inf")
         return logits
 
-    def gather_logprobs(self, raw_logits: torch.Tensor, sampled: torch.Tensor, seqs: list[Sequence]):
-        wanted = [seq.params.logprobs for seq in seqs]
-        if all(k is None for k in wanted):
+    def gather_logprobs(self, raw_logits: torch.Tensor | None, sampled: torch.Tensor, seqs: list[Sequence]):
+        if raw_logits is None:
             return [None] * len(seqs)
+        wanted = [seq.params.logprobs for seq in seqs]
         rows = [row for row, k in enumerate(wanted) if k is not None]
         logprobs = torch.log_softmax(raw_logits[rows], dim=-1)
         chosen = sampled[rows]

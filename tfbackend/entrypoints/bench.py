@@ -26,6 +26,7 @@ from tfbackend.bench.workloads import LatencyWorkload, ThroughputWorkload, run_l
 from tfbackend.config import EngineConfig
 from tfbackend.entrypoints.engine_args import add_engine_args, engine_config_from_args
 from tfbackend.llm import LLM
+from tfbackend.model_source import resolve_model
 from tfbackend.registry import MODEL_IMPLS
 
 
@@ -81,7 +82,7 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.output_len < 2:
         raise ValueError("--output-len must be at least 2 (a first token and one decode step)")
-    model_dir = random_checkpoint(args.random_weights) if args.random_weights else _resolve(args.model)
+    model_dir = random_checkpoint(args.random_weights) if args.random_weights else resolve_model(args.model)
     base = engine_config_from_args(args, model_dir)
     hf_config = AutoConfig.from_pretrained(model_dir)
     device = base.torch_device()
@@ -110,12 +111,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"\n{args.scenario} on {hardware.device}, {doc['model']['name']} ({dtype}):")
     print(report.format_table(rows))
     return 0
-
-
-def _resolve(model: str) -> Path:
-    from tfbackend.model_source import resolve_model
-
-    return resolve_model(model)
 
 
 def _throughput(args, base: EngineConfig, model_dir: Path, cost: ModelCost, hardware, vocab_size: int, dtype):

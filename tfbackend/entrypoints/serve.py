@@ -50,13 +50,8 @@ def run(args: argparse.Namespace) -> int:
     from tfbackend.server.async_engine import AsyncEngine
     from tfbackend.server.metrics import ServerMetrics
 
-    try:
-        model_path = resolve_model(args.model)
-        config = engine_config_from_args(args, model_path)
-        engine = LLMEngine(config)
-    except ValueError as exc:
-        logger.error("%s", exc)
-        return 2
+    model_path = resolve_model(args.model)  # a ValueError here is a user error: the CLI prints it, exit 2
+    engine = LLMEngine(engine_config_from_args(args, model_path))
 
     # The engine has logged its implementation choice (and why) and its KV cache capacity.
     names = args.served_model_name or [args.model or default_model_name()]

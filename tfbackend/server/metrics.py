@@ -60,6 +60,9 @@ class ServerMetrics:
         self._waiting = gauge("tfbackend:num_requests_waiting", "Requests queued for admission.")
         self._kv_used = gauge("tfbackend:kv_cache_blocks_used", "KV cache blocks held by requests.")
         self._kv_total = gauge("tfbackend:kv_cache_blocks_total", "KV cache blocks allocated at startup.")
+        self._prefix_queries = gauge("tfbackend:prefix_cache_queries", "Tokens looked up in the prefix cache.")
+        self._prefix_hits = gauge("tfbackend:prefix_cache_hits", "Tokens found in the prefix cache.")
+        self._preemptions = gauge("tfbackend:num_preemptions", "Sequences preempted for lack of KV blocks.")
         self._labels = labels
 
     def request_done(self, status: str, count: int = 1) -> None:
@@ -85,6 +88,9 @@ class ServerMetrics:
         self._waiting.set(stats.num_waiting)
         self._kv_used.set(stats.num_kv_blocks_used)
         self._kv_total.set(stats.num_kv_blocks_total)
+        self._prefix_queries.set(stats.prefix_cache_queries)
+        self._prefix_hits.set(stats.prefix_cache_hits)
+        self._preemptions.set(stats.num_preemptions)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
