@@ -86,14 +86,14 @@ def build_app(state: ServerState, api_key: str | None = None) -> FastAPI:
     async def completions(body: CompletionRequest) -> Response:
         model = _check_model(state, body.model)
         prompts = _bad_request_on_value_error(body.prompts)
-        return await _generate(state, model, body, prompts, _CompletionShape(body.logprobs, _decoder(state)))
+        return await _generate(state, model, body, prompts, _CompletionShape(body.logprobs))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest) -> Response:
         model = _check_model(state, body.model)
         prompt = _chat_prompt(state.tokenizer, body)
         k = (body.top_logprobs or 0) if body.logprobs else None
-        return await _generate(state, model, body, [prompt], _ChatShape(k, _decoder(state)))
+        return await _generate(state, model, body, [prompt], _ChatShape(k))
 
     return app
 
@@ -126,11 +126,6 @@ def _chat_prompt(tokenizer: Any, body: ChatCompletionRequest) -> list[int]:
     except Exception as exc:  # jinja raises its own TemplateError for conversations a template refuses
         raise APIError(400, f"the chat template rejected these messages: {exc}", param="messages") from exc
     return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def _decoder(state: ServerState) -> protocol.Decode:
-    tokenizer = state.tokenizer
-    return (lambda token_id: tokenizer.decode([token_id])) if tokenizer is not None else str
 
 
 async def _generate(
@@ -218,9 +213,8 @@ class _Shape:
     object: str
     chunk_object: str
 
-    def __init__(self, top_logprobs: int | None, decode: protocol.Decode) -> None:
+    def __init__(self, top_logprobs: int | None) -> None:
         self.top_logprobs = top_logprobs  # None: no logprobs requested
-        self.decode = decode
 
     def opening(self, index: int) -> dict | None:
         """A chunk to send for each choice before any text, if the API has one."""
@@ -246,7 +240,7 @@ class _CompletionShape(_Shape):
         logprobs = None
         if self._wants_logprobs(completion):
             logprobs = protocol.completion_logprobs(
-                completion, tokens_sent, len(completion.token_ids), self.top_logprobs, chars_sent, self.decode
+                completion, tokens_sent, len(completion.token_ids), self.top_logprobs, chars_sent
             )
         return {"index": index, "text": completion.text[chars_sent:], "logprobs": logprobs,
                 "finish_reason": completion.finish_reason}
@@ -269,7 +263,7 @@ class _ChatShape(_Shape):
     def _logprobs(self, completion: CompletionOutput, start: int) -> dict | None:
         if not self._wants_logprobs(completion):
             return None
-        return protocol.chat_logprobs(completion, start, len(completion.token_ids), self.top_logprobs, self.decode)
+        return protocol.chat_logprobs(completion, start, len(completion.token_ids), self.top_logprobs)
 
 
 # ------------------------------------------------------------------------------------------------ errors

@@ -7,7 +7,6 @@ with the same messages. Unknown fields are ignored, as OpenAI clients send field
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidatorFunctionWrapHandler, field_validator
@@ -17,7 +16,6 @@ from tfbackend.sampling_params import SamplingParams
 
 MAX_LOGPROBS = 20  # OpenAI's limit for top_logprobs
 
-Decode = Callable[[int], str]  # token id -> its text, for logprobs
 
 
 class _Body(BaseModel):
@@ -148,8 +146,9 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     }
 
 
-def _token_text(token_id: int, logprob: Logprob, decode: Decode) -> str:
-    return logprob.decoded_token if logprob.decoded_token is not None else decode(token_id)
+def _token_text(token_id: int, logprob: Logprob) -> str:
+    """The engine decodes each token when the model has a tokenizer; without one, the id stands in."""
+    return logprob.decoded_token if logprob.decoded_token is not None else str(token_id)
 
 
 def _top(entries: dict[int, Logprob], k: int) -> list[tuple[int, Logprob]]:
@@ -157,25 +156,25 @@ def _top(entries: dict[int, Logprob], k: int) -> list[tuple[int, Logprob]]:
 
 
 def completion_logprobs(
-    completion: CompletionOutput, start: int, end: int, k: int, text_offset: int, decode: Decode
+    completion: CompletionOutput, start: int, end: int, k: int, text_offset: int
 ) -> dict:
     """Legacy completions shape for tokens ``[start, end)``: parallel lists of tokens and their logprobs."""
     tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
     for token_id, entries in zip(completion.token_ids[start:end], completion.logprobs[start:end], strict=True):
-        text = _token_text(token_id, entries[token_id], decode)
+        text = _token_text(token_id, entries[token_id])
         tokens.append(text)
         token_logprobs.append(entries[token_id].logprob)
-        top_logprobs.append({_token_text(tid, lp, decode): lp.logprob for tid, lp in _top(entries, k)})
+        top_logprobs.append({_token_text(tid, lp): lp.logprob for tid, lp in _top(entries, k)})
         offsets.append(text_offset)
         text_offset += len(text)
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": offsets}
 
 
-def chat_logprobs(completion: CompletionOutput, start: int, end: int, k: int, decode: Decode) -> dict:
+def chat_logprobs(completion: CompletionOutput, start: int, end: int, k: int) -> dict:
     """Chat shape for tokens ``[start, end)``: one entry per token with its top alternatives."""
 
     def entry(token_id: int, logprob: Logprob) -> dict:
-        text = _token_text(token_id, logprob, decode)
+        text = _token_text(token_id, logprob)
         return {"token": text, "logprob": logprob.logprob, "bytes": list(text.encode())}
 
     content = []
