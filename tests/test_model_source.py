@@ -251,18 +251,24 @@ def test_unknown_hub_id_offline_fails_fast(tmp_path: Path, monkeypatch: pytest.M
 
 
 @pytest.mark.timeout(30)
+def hub_answers_with(monkeypatch: pytest.MonkeyPatch, model_info) -> None:
+    """Online mode, with the Hub's ``model_info`` replaced: no test reaches the network."""
+    import huggingface_hub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", model_info)
+
+
 def test_unreachable_hub_falls_back_to_local_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A firewalled machine: the Hub call errors out, and the repo is not in the local HF cache either."""
-    import huggingface_hub
 
     def unreachable(self: object, repo_id: str, **kwargs: object) -> None:
         assert kwargs.get("timeout") is not None  # never an unbounded wait
         raise ConnectionError("firewalled")
 
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", unreachable)
+    hub_answers_with(monkeypatch, unreachable)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ModelNotFoundError, match="not reachable on the Hugging Face Hub.*firewalled"):
         resolve_model("someorg/does-not-exist-xyz", cache_dir=tmp_path / "cache")
@@ -271,13 +277,8 @@ def test_unreachable_hub_falls_back_to_local_cache(tmp_path: Path, monkeypatch: 
 @pytest.fixture
 def online_hub(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, object]]:
     """A Hub that answers ``model_info``; records the ``snapshot_download`` calls it gets."""
-    import huggingface_hub
-
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     answer = SimpleNamespace(sha="a" * 40)
-    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", lambda self, repo_id, **kwargs: answer)
+    hub_answers_with(monkeypatch, lambda self, repo_id, **kwargs: answer)
     return []
 
 
@@ -321,17 +322,13 @@ def test_hub_repo_without_safetensors_is_rejected(
 
 
 def test_hub_repo_not_found(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import huggingface_hub
     from huggingface_hub.errors import RepositoryNotFoundError
 
     def not_found(self: object, repo_id: str, **kwargs: object) -> None:
         response = SimpleNamespace(headers={}, status_code=404, request=None)
         raise RepositoryNotFoundError("404 Client Error: Repository Not Found", response=response)
 
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", not_found)
+    hub_answers_with(monkeypatch, not_found)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ModelNotFoundError, match="Hugging Face Hub has no such model"):
         resolve_model("someorg/does-not-exist-xyz", cache_dir=tmp_path / "cache")
