@@ -23,16 +23,12 @@ class LLM:
     ``enable_prefix_caching``, ``kv_cache_memory``, ``gpu_memory_utilization``, ``seed``, ...).
     """
 
-    def __init__(self, model: str | None = None, **kwargs):
-        self.engine = LLMEngine(EngineConfig(model=model, **kwargs))
+    def __init__(self, model: str | None = None, *, config: EngineConfig | None = None, **kwargs):
+        """``config``: a complete EngineConfig (as the CLI builds it) instead of ``model`` and keywords."""
+        if config is not None and (model is not None or kwargs):
+            raise ValueError("pass either config or model and engine keywords, not both")
+        self.engine = LLMEngine(config or EngineConfig(model=model, **kwargs))
         self._request_ids = itertools.count()
-
-    @classmethod
-    def from_config(cls, config: EngineConfig) -> LLM:
-        llm = cls.__new__(cls)
-        llm.engine = LLMEngine(config)
-        llm._request_ids = itertools.count()
-        return llm
 
     @property
     def model_impl(self) -> str:

@@ -182,7 +182,7 @@ def _run_all(args, base: EngineConfig, model_dir: Path, dtype, on_engine, on_hf_
 
 
 def _with_engine(config: EngineConfig, fn) -> list[dict]:
-    llm = LLM.from_config(config)
+    llm = LLM(config=config)
     try:
         return fn(llm, f"tfbackend[{llm.model_impl}]")
     finally:

@@ -27,7 +27,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    llm = LLM.from_config(engine_config_from_args(args, resolve_model(args.model)))
+    llm = LLM(config=engine_config_from_args(args, resolve_model(args.model)))
     tokenizer = llm.get_tokenizer()
     prompts = args.prompt
     if args.chat:
