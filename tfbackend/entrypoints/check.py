@@ -24,7 +24,7 @@ from tfbackend.attention import (
     get_attention_backend,
 )
 from tfbackend.config import DTYPES
-from tfbackend.engine.llm_engine import load_tokenizer
+from tfbackend.engine.model_files import load_tokenizer
 from tfbackend.kv_cache import KVCache, KVCacheSpec
 from tfbackend.registry import MODEL_IMPLS, resolve
 

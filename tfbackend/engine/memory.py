@@ -1,0 +1,57 @@
+"""How much memory the KV cache gets: a fixed budget on CPU, what a profiled largest step leaves on GPU."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+
+from tfbackend.config import EngineConfig
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
+# Kept free for the CUDA graphs' memory pool, allocated after the KV cache. Decode activations are small
+# (hidden states of at most max_num_seqs tokens); capture logs what the pool really took.
+CUDA_GRAPH_MEMORY_RESERVE = 512 << 20
+
+
+def kv_cache_budget(
+    config: EngineConfig, device: torch.device, use_cuda_graphs: bool, run_largest_step: Callable[[], None]
+) -> int:
+    """Bytes for the KV cache: ``kv_cache_memory`` when set; on CPU a fixed default; on GPU what
+    ``gpu_memory_utilization`` of the GPU leaves after the peak of ``run_largest_step`` (weights, activations,
+    sampler temporaries), other processes' memory and the CUDA graphs' pool."""
+    if config.kv_cache_memory is not None:
+        return config.kv_cache_memory
+    if device.type != "cuda":
+        return DEFAULT_CPU_KV_CACHE_BYTES
+    peak = profile_peak_memory(device, run_largest_step)
+    free, total = torch.cuda.mem_get_info(device)
+    used_elsewhere = total - free - torch.cuda.memory_reserved(device)  # CUDA context, other processes
+    graphs = CUDA_GRAPH_MEMORY_RESERVE if use_cuda_graphs else 0
+    budget = int(total * config.gpu_memory_utilization) - used_elsewhere - peak - graphs
+    logger.info(
+        "GPU memory: %.2f GiB total, %.2f GiB used elsewhere, peak of the largest step %.2f GiB, "
+        "CUDA graph reserve %.2f GiB -> KV cache %.2f GiB",
+        total / 2**30, used_elsewhere / 2**30, peak / 2**30, graphs / 2**30, budget / 2**30,
+    )
+    if budget <= 0:
+        raise ValueError(
+            f"no GPU memory is left for the KV cache at gpu_memory_utilization="
+            f"{config.gpu_memory_utilization} (largest step peaks at {peak / 2**30:.2f} GiB): raise it, "
+            f"or lower max_num_batched_tokens / max_num_seqs"
+        )
+    return budget
+
+
+def profile_peak_memory(device: torch.device, run_largest_step: Callable[[], None]) -> int:
+    """Peak allocated bytes while ``run_largest_step`` runs; its cached blocks are handed back afterwards."""
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    run_largest_step()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    torch.cuda.empty_cache()  # hand the activations' cached blocks back, for the KV cache's one allocation
+    return peak
