@@ -9,6 +9,13 @@ import torch.nn.functional as F
 from tfbackend.attention import AttentionMetadata, LayerAttentionOptions, paged_attention
 from tfbackend.attention.context import ForwardContext, forward_context
 from tfbackend.attention.torch_backend import TorchAttentionBackend
+from tfbackend.kv_cache import KVCache, KVCacheSpec
+from tfbackend.model_interface import AttentionLayerSpec
+
+
+def one_layer_cache(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> KVCache:
+    spec = KVCacheSpec((AttentionLayerSpec(num_kv_heads, head_dim, head_dim),), torch.float32, block_size)
+    return KVCache(spec, num_blocks, torch.device("cpu"))
 
 
 def dense_attention(q, k, v, options: LayerAttentionOptions):
@@ -17,6 +24,9 @@ def dense_attention(q, k, v, options: LayerAttentionOptions):
     mask = torch.ones(t, t, dtype=torch.bool).tril()
     if options.sliding_window is not None:
         mask &= ~torch.ones(t, t, dtype=torch.bool).tril(-options.sliding_window)
+    if options.chunk_size is not None:
+        chunk = torch.arange(t) // options.chunk_size
+        mask &= chunk[:, None] == chunk[None, :]
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
     out = F.scaled_dot_product_attention(
@@ -37,13 +47,13 @@ def single_sequence_metadata(num_tokens: int, block_size: int, blocks: list[int]
     )
 
 
-@pytest.mark.parametrize("window", [None, 5])
-def test_prefill_through_scattered_blocks_equals_dense_sdpa(window):
+@pytest.mark.parametrize("window,chunk", [(None, None), (5, None), (None, 6)])
+def test_prefill_through_scattered_blocks_equals_dense_sdpa(window, chunk):
     torch.manual_seed(0)
     t, h_q, h_kv, d, block_size = 19, 4, 2, 8, 4
     q, k, v = torch.randn(t, h_q, d), torch.randn(t, h_kv, d), torch.randn(t, h_kv, d)
-    caches = [(torch.zeros(12, block_size, h_kv, d), torch.zeros(12, block_size, h_kv, d))]
-    options = LayerAttentionOptions(scale=d**-0.5, sliding_window=window)
+    caches = one_layer_cache(12, block_size, h_kv, d)
+    options = LayerAttentionOptions(scale=d**-0.5, sliding_window=window, chunk_size=chunk)
     metadata = single_sequence_metadata(t, block_size, blocks=[7, 2, 11, 0, 5])
     with forward_context(ForwardContext(metadata, caches, TorchAttentionBackend())):
         out = paged_attention(0, q, k, v, options)
@@ -56,10 +66,10 @@ def test_decode_after_prefill_equals_the_last_row_of_a_full_prefill():
     q, k, v = torch.randn(t, h, d), torch.randn(t, h, d), torch.randn(t, h, d)
     options = LayerAttentionOptions(scale=0.3, softcap=2.0)
     backend = TorchAttentionBackend()
-    full_caches = [(torch.zeros(4, block_size, h, d), torch.zeros(4, block_size, h, d))]
+    full_caches = one_layer_cache(4, block_size, h, d)
     with forward_context(ForwardContext(single_sequence_metadata(t, block_size, [0, 1, 2]), full_caches, backend)):
         full = paged_attention(0, q, k, v, options)
-    caches = [(torch.zeros(4, block_size, h, d), torch.zeros(4, block_size, h, d))]
+    caches = one_layer_cache(4, block_size, h, d)
     prefill = single_sequence_metadata(t - 1, block_size, [0, 1, 2])
     with forward_context(ForwardContext(prefill, caches, backend)):
         paged_attention(0, q[:-1], k[:-1], v[:-1], options)
@@ -79,7 +89,7 @@ def test_decode_after_prefill_equals_the_last_row_of_a_full_prefill():
 def test_sinks_take_probability_mass_but_add_no_value():
     torch.manual_seed(2)
     q, k, v = torch.randn(3, 2, 4), torch.randn(3, 2, 4), torch.randn(3, 2, 4)
-    caches = [(torch.zeros(1, 4, 2, 4), torch.zeros(1, 4, 2, 4))]
+    caches = one_layer_cache(1, 4, 2, 4)
     metadata = single_sequence_metadata(3, 4, [0])
     sinks = torch.tensor([0.5, -1.0])
     with forward_context(ForwardContext(metadata, caches, TorchAttentionBackend())):
@@ -95,3 +105,21 @@ def test_attention_outside_a_forward_context_raises():
     x = torch.randn(1, 1, 4)
     with pytest.raises(RuntimeError, match="outside a forward context"):
         paged_attention(0, x, x, x, LayerAttentionOptions(scale=1.0))
+
+
+def test_a_site_that_shares_kv_reads_its_owners_cache_and_writes_nothing():
+    torch.manual_seed(3)
+    t, h, d, block_size = 6, 2, 4, 4
+    spec = KVCacheSpec(
+        (AttentionLayerSpec(h, d, d), AttentionLayerSpec(h, d, d, shares_kv_with=0)), torch.float32, block_size
+    )
+    cache = KVCache(spec, 2, torch.device("cpu"))
+    assert cache.writes == [True, False] and cache.layers[1][0] is cache.layers[0][0]
+    q, k, v = torch.randn(t, h, d), torch.randn(t, h, d), torch.randn(t, h, d)
+    options = LayerAttentionOptions(scale=0.5)
+    with forward_context(ForwardContext(single_sequence_metadata(t, block_size, [0, 1]), cache, TorchAttentionBackend())):
+        owner = paged_attention(0, q, k, v, options)
+        stored = cache.storage.clone()
+        sharer = paged_attention(1, q, torch.zeros_like(k), torch.zeros_like(v), options)  # ignored: not stored
+    assert torch.equal(cache.storage, stored)
+    torch.testing.assert_close(sharer, owner)

@@ -13,6 +13,7 @@ from tfbackend.engine.model_runner import flatten_step
 from tfbackend.engine.scheduler import ScheduledBatch
 from tfbackend.engine.sequence import Sequence
 from tfbackend.kv_cache import KVCache, KVCacheSpec
+from tfbackend.model_interface import AttentionLayerSpec
 from tfbackend.sampling_params import SamplingParams
 
 BLOCK = 4
@@ -48,7 +49,7 @@ def test_graph_batch_sizes():
 
 
 def test_run_pads_the_batch_with_rows_that_store_nothing():
-    kv_cache = KVCache(KVCacheSpec(1, 1, 4, 4, torch.float32, BLOCK), 16, torch.device("cpu"))
+    kv_cache = KVCache(KVCacheSpec((AttentionLayerSpec(1, 4, 4),), torch.float32, BLOCK), 16, torch.device("cpu"))
     runner = CUDAGraphRunner(lambda ids, pos: None, kv_cache, SimpleNamespace(name="triton"), 8, max_model_len=32)
     replayed = []
     for size in runner.batch_sizes:  # stand-ins for captured graphs

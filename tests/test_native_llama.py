@@ -16,7 +16,7 @@ from tfbackend.entrypoints.check import compare, run_greedy
 from tfbackend.kv_cache import KVCacheSpec
 from tfbackend.native.llama import LlamaForCausalLM
 from tfbackend.native.weights import iterate_safetensors
-from tfbackend.registry import resolve
+from tfbackend.registry import load_model
 
 CPU = torch.device("cpu")
 MIXED_LENGTHS = [5, 12, 23]
@@ -77,16 +77,15 @@ def case(request, tmp_path_factory) -> Case:
 
 
 def load(path: Path, model_impl: str):
-    hf_config = AutoConfig.from_pretrained(path)
-    return resolve(hf_config, model_impl).model_class.load(path, hf_config, torch.float32, CPU), hf_config
+    model, _ = load_model(path, AutoConfig.from_pretrained(path), model_impl, torch.float32, CPU)
+    return model
 
 
 def test_logits_match_fallback(case: Case):
     runs = []
     for impl in ("native", "transformers"):
-        model, hf_config = load(case.path, impl)
-        runs.append(run_greedy(model, hf_config, case.prompts, max_tokens=8, dtype=torch.float32, device=CPU,
-                               block_size=4))
+        model = load(case.path, impl)
+        runs.append(run_greedy(model, case.prompts, max_tokens=8, dtype=torch.float32, device=CPU, block_size=4))
     result = compare(runs[0], runs[1], atol=1e-4)
     assert result.prefill_max_diff <= 1e-4 and result.decode_max_diff <= 1e-4, result
     assert result.first_divergence == [None] * len(case.prompts)
@@ -97,7 +96,7 @@ def test_greedy_matches_hf_generate_through_llm(case: Case):
     if case.name == "llama-dynamic":
         pytest.skip("the engine caps max_model_len at max_position_embeddings, below which dynamic NTK is plain "
                     "RoPE; test_dynamic_rope_past_max_positions_matches_hf covers what lies beyond")
-    spec = KVCacheSpec.from_hf_config(case.hf_model.config, torch.float32, block_size=4)
+    spec = KVCacheSpec(tuple(load(case.path, "native").attention_layers()), torch.float32, block_size=4)
     llm = LLM(model=str(case.path), dtype="float32", device="cpu", block_size=4, max_model_len=64,
               max_num_batched_tokens=8, max_num_seqs=4, kv_cache_memory=24 * spec.bytes_per_block, seed=0)
     assert llm.model_impl == "native", llm.model_impl_reason
@@ -112,8 +111,8 @@ def test_dynamic_rope_past_max_positions_matches_hf(tmp_path: Path):
     model_type, overrides, _ = CASES["llama-dynamic"]
     save_checkpoint(model_type, tmp_path, **overrides)
     prompts = random_prompts([5, 16, 11])  # every prompt within max_position_embeddings=16, decoding past it
-    model, hf_config = load(tmp_path, "native")
-    run = run_greedy(model, hf_config, prompts, max_tokens=32, dtype=torch.float32, device=CPU, block_size=4)
+    model = load(tmp_path, "native")
+    run = run_greedy(model, prompts, max_tokens=32, dtype=torch.float32, device=CPU, block_size=4)
     # HF's rotary module keeps its grown frequencies across generate calls (a prompt of exactly
     # max_position_embeddings does not reset them), so each prompt gets a fresh HF model.
     expected = [hf_greedy(AutoModelForCausalLM.from_pretrained(tmp_path), [prompt], 32)[0] for prompt in prompts]
@@ -125,8 +124,8 @@ def test_sharded_checkpoint_loads(tmp_path: Path):
     hf_model.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
     index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
-    full, _ = load(tmp_path / "full", "native")
-    sharded, _ = load(tmp_path / "sharded", "native")
+    full = load(tmp_path / "full", "native")
+    sharded = load(tmp_path / "sharded", "native")
     for (name, a), b in zip(full.state_dict().items(), sharded.state_dict().values()):
         assert torch.equal(a, b), name
 

@@ -8,11 +8,14 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import AutoConfig, LlamaConfig
 
 from tfbackend import registry
 from tfbackend.adapter import TransformersForCausalLM
-from tfbackend.registry import register_model, resolve
+from tfbackend.hf_classes import causal_lm_class, stateful_layer_types
+from tfbackend.model_interface import UnsupportedModelError
+from tfbackend.registry import load_model, register_model, resolve
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -243,5 +246,99 @@ def test_hf_class_without_attention_backend_support_is_refused(model_type, hf_cl
 
 def test_config_without_a_causal_lm_class_is_refused() -> None:
     config = AutoConfig.for_model("t5")
-    with pytest.raises(ValueError, match="no AutoModelForCausalLM class for model type 't5'"):
+    with pytest.raises(ValueError, match="no causal-LM class for model type 't5'"):
         resolve(config)
+
+
+# --------------------------------------------------------------------------------------- supports() and load
+
+
+class PickyNative:
+    """A native port that serves only configs with a marker attribute."""
+
+    loads: list[str] = []
+
+    @classmethod
+    def supports(cls, hf_config) -> str | None:
+        return None if getattr(hf_config, "picky_ok", False) else "it needs picky_ok"
+
+    @classmethod
+    def load(cls, model_dir, hf_config, dtype, device):
+        cls.loads.append(hf_config.model_type)
+        if getattr(hf_config, "picky_fails_at_load", False):
+            raise UnsupportedModelError("the modules show something the config did not")
+        return cls()
+
+
+def test_auto_falls_back_when_the_native_class_declines_the_config() -> None:
+    register_model("LlamaForCausalLM", PickyNative)
+    config = LlamaConfig(architectures=["LlamaForCausalLM"])
+    resolved = resolve(config)
+    assert resolved.model_impl == "transformers"
+    assert "PickyNative declines: it needs picky_ok" in resolved.reason
+    config.picky_ok = True
+    assert resolve(config).model_class is PickyNative
+
+
+def test_native_forced_on_a_declined_config_raises_the_reason() -> None:
+    register_model("LlamaForCausalLM", PickyNative)
+    with pytest.raises(ValueError, match="PickyNative declines: it needs picky_ok"):
+        resolve(LlamaConfig(architectures=["LlamaForCausalLM"]), model_impl="native")
+
+
+def test_the_built_in_llama_port_declines_other_model_types_behind_its_architecture() -> None:
+    """exaone, internlm3 and others save LlamaForCausalLM as their architecture with their own model_type."""
+    config = AutoConfig.for_model("llama", architectures=["LlamaForCausalLM"])
+    config.model_type = "not_llama"
+    resolved = resolve(config)
+    assert resolved.model_impl == "transformers"
+    assert "not 'not_llama'" in resolved.reason
+
+
+def test_a_refusal_at_load_moves_on_to_the_next_implementation(monkeypatch: pytest.MonkeyPatch) -> None:
+    register_model("LlamaForCausalLM", PickyNative)
+    fallback_loads = []
+    monkeypatch.setattr(TransformersForCausalLM, "load", classmethod(lambda cls, *a: fallback_loads.append(a) or "hf"))
+    config = LlamaConfig(architectures=["LlamaForCausalLM"])
+    config.picky_ok = config.picky_fails_at_load = True
+    model, resolved = load_model("dir", config, "auto", torch.float32, torch.device("cpu"))
+    assert model == "hf" and resolved.model_impl == "transformers" and len(fallback_loads) == 1
+    assert "PickyNative declines at load: the modules show something the config did not" in resolved.reason
+    with pytest.raises(ValueError, match="declines at load"):
+        load_model("dir", config, "native", torch.float32, torch.device("cpu"))
+
+
+def test_text_decoders_of_multimodal_checkpoints_resolve_by_architecture() -> None:
+    """A text decoder saved from a multimodal family has a config type that no auto class maps."""
+    from transformers import AutoModelForCausalLM
+
+    unmapped = [
+        (config_class, hf_class)
+        for config_class, hf_class in AutoModelForCausalLM._model_mapping.items()
+        if getattr(hf_class, "config_class", config_class) not in AutoModelForCausalLM._model_mapping
+    ]
+    if not unmapped:
+        pytest.skip("every causal-LM class of this transformers has an auto-mapped config class")
+    _, hf_class = unmapped[0]
+    config = hf_class.config_class(architectures=[hf_class.__name__])
+    assert causal_lm_class(config) is hf_class
+    assert resolve(config).model_impl == "transformers"
+
+
+def test_layers_that_keep_state_outside_attention_are_declined_by_the_fallback() -> None:
+    """Derived from transformers' own cache classes: linear-attention, conv and indexer layers."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    for model_type in sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
+        try:
+            config = AutoConfig.for_model(model_type)
+        except Exception:
+            continue
+        hf_class = causal_lm_class(config)
+        if getattr(hf_class, "_supports_attention_backend", False) and stateful_layer_types(config):
+            break
+    else:
+        pytest.skip("no interface-capable class with stateful layers in this transformers")
+    reason = TransformersForCausalLM.supports(config)
+    assert reason is not None and "keep state outside attention" in reason
+    assert all(layer in reason for layer in stateful_layer_types(config))

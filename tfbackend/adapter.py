@@ -1,36 +1,88 @@
 """The Transformers fallback: any HF causal LM whose attention goes through ``AttentionInterface``.
 
-The HF model is instantiated with ``attn_implementation="tfbackend"``, so every attention layer calls our
+The HF model is instantiated with ``attn_implementation="tfbackend"``, so every attention call reaches our
 paged attention. A step's tokens go in as one sequence (``input_ids[1, T]``) with explicit ``position_ids``
 and ``use_cache=False``: RoPE, learned positions and OPT's offset all follow the positions we pass, while
-our attention keeps the sequences apart. Logits are computed only for the rows the sampler needs.
+our attention keeps the sequences apart.
+
+Nothing about the model's shape is guessed from its config. At load, one probe pass over a short prompt
+records every attention call (``attention_bridge.probe_attention_calls``): its KV heads and widths, shared KV,
+and the sliding window or chunk that HF's own mask function describes. A second check runs the same prompt
+whole and in two chunks through a small paged cache: the results must agree, which they do not for layers
+that keep state outside attention (convolutions, recurrences) or attend to later tokens. Logits come from HF's
+own ``*ForCausalLM.forward`` (whatever head transform, scaling or softcap it applies) fed with our hidden
+states, or from the plain output embedding when the load check shows the two are identical.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-from transformers import AutoModelForCausalLM
+from transformers.modeling_outputs import BaseModelOutputWithPast
 
-from tfbackend.attention_bridge import ATTN_IMPLEMENTATION
+from tfbackend.attention import ForwardContext, forward_context, metadata_for_chunks
+from tfbackend.attention.torch_backend import TorchAttentionBackend
+from tfbackend.attention_bridge import (
+    ATTN_IMPLEMENTATION,
+    CALL_SITES_ATTRIBUTE,
+    PROBE_IMPLEMENTATION,
+    CallSite,
+    MaskDescription,
+    RecordedCall,
+    probe_attention_calls,
+)
+from tfbackend.hf_classes import causal_lm_class, stateful_layer_types
+from tfbackend.kv_cache import KVCache, KVCacheSpec
+from tfbackend.model_interface import AttentionLayerSpec, CausalLM, UnsupportedModelError
+
+logger = logging.getLogger(__name__)
+
+PROBE_LENGTH = 12  # tokens of the load-time probe; chunked in two for the state check
+# Relative error allowed between the whole and the chunked probe (rounding of different kernels).
+STEP_TOLERANCE = {torch.float32: 1e-3, torch.float16: 3e-2, torch.bfloat16: 3e-2}
 
 
-class TransformersForCausalLM(nn.Module):
+class TransformersForCausalLM(CausalLM):
     """Wraps an HF ``*ForCausalLM`` behind the engine's model contract."""
 
     def __init__(self, hf_model: nn.Module):
         super().__init__()
         self.hf_model = hf_model
         self.config = hf_model.config
-        self.base_model = hf_model.get_decoder() if hasattr(hf_model, "get_decoder") else hf_model.base_model
+        self.base_model_name = _base_model_name(hf_model)
+        self.base_model = getattr(hf_model, self.base_model_name)  # decoder stack, embeddings, final norm
         self.lm_head = hf_model.get_output_embeddings()
         text_config = self.config.get_text_config()
-        # Post-LM-head transforms some families apply in their *ForCausalLM.forward.
+        # Post-LM-head transforms some families apply in their *ForCausalLM.forward (used only where the load
+        # check proves the plain head equals HF's forward).
         self.final_logit_softcapping = getattr(text_config, "final_logit_softcapping", None)
         self.logit_scale = getattr(text_config, "logit_scale", None)  # cohere: multiply
         self.logits_scaling = getattr(text_config, "logits_scaling", None)  # granite: divide
+        self.plain_head = False
+        self.layers: list[AttentionLayerSpec] = []
+
+    @classmethod
+    def supports(cls, hf_config) -> str | None:
+        hf_class = causal_lm_class(hf_config)
+        if hf_class is None:
+            return f"transformers has no causal-LM class for model type {hf_config.model_type!r}"
+        if not getattr(hf_class, "_supports_attention_backend", False):
+            return (
+                f"{hf_class.__name__} does not route attention through transformers' AttentionInterface "
+                f"(_supports_attention_backend is not set)"
+            )
+        stateful = stateful_layer_types(hf_config)
+        if stateful:
+            return (
+                f"{hf_class.__name__} has layers that keep state outside attention ({', '.join(stateful)}), "
+                f"which a paged KV cache cannot hold"
+            )
+        return None
 
     @classmethod
     def load(cls, model_dir: str | Path, hf_config, dtype: torch.dtype, device: torch.device):
@@ -40,15 +92,21 @@ class TransformersForCausalLM(nn.Module):
         checkpoint-format conversions it knows, e.g. per-expert MoE weights into fused ones), so a
         checkpoint that loads in HF loads here, and no second copy of the weights is ever materialised.
         """
-        hf_model = AutoModelForCausalLM.from_pretrained(
-            model_dir,
-            config=hf_config,
-            dtype=dtype,
-            device_map=str(device),
+        hf_class = causal_lm_class(hf_config)
+        hf_model = hf_class.from_pretrained(
+            model_dir, config=hf_config, dtype=dtype, device_map=str(device),
             attn_implementation=ATTN_IMPLEMENTATION,
         )
         hf_model.eval().requires_grad_(False)
-        return cls(hf_model)
+        model = cls(hf_model)
+        with torch.inference_mode():
+            model._map_attention_calls()
+            model._check_steps_compose()
+            model._choose_logits_path()
+        return model
+
+    def attention_layers(self) -> list[AttentionLayerSpec]:
+        return list(self.layers)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """``input_ids[T]``, ``positions[T]`` -> ``hidden[T, H]`` (after the final norm)."""
@@ -57,9 +115,11 @@ class TransformersForCausalLM(nn.Module):
             position_ids=positions.unsqueeze(0),
             use_cache=False,
         )
-        return out.last_hidden_state[0]
+        return out[0][0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if not self.plain_head:
+            return self._hf_head_logits(hidden)
         logits = self.lm_head(hidden)
         if self.logit_scale is not None:
             logits = logits * self.logit_scale
@@ -68,3 +128,193 @@ class TransformersForCausalLM(nn.Module):
         if self.final_logit_softcapping is not None:
             logits = torch.tanh(logits / self.final_logit_softcapping) * self.final_logit_softcapping
         return logits
+
+    # ---- load-time checks ---------------------------------------------------------------------------------
+
+    def _probe_input(self) -> torch.Tensor:
+        vocab = self.config.get_text_config().vocab_size
+        generator = torch.Generator().manual_seed(0)
+        # Token ids from the lower half of the vocabulary: special (e.g. image) tokens tend to sit at the top.
+        ids = torch.randint(1, max(2, vocab // 2), (PROBE_LENGTH,), generator=generator)
+        return ids.to(self.hf_model.device)
+
+    def _map_attention_calls(self) -> None:
+        """Run the probe pass and give every attention module its call sites (KV cache index and window)."""
+        input_ids = self._probe_input()
+        with _attention_implementation(self.hf_model, PROBE_IMPLEMENTATION), probe_attention_calls() as calls:
+            try:
+                self.base_model(input_ids=input_ids[None], use_cache=False)
+            except Exception as error:  # the model used its mask in a way only a real tensor mask supports
+                raise UnsupportedModelError(
+                    f"the probe pass through {type(self.hf_model).__name__} failed ({type(error).__name__}: "
+                    f"{error}); its attention needs more than the attention interface provides"
+                ) from error
+        if not calls:
+            raise UnsupportedModelError(f"{type(self.hf_model).__name__} made no call to the attention interface")
+        self.layers = []
+        sites: dict[nn.Module, list[CallSite]] = {}
+        for index, call in enumerate(calls):
+            spec, site = self._describe_call(index, call, calls[:index])
+            self.layers.append(spec)
+            sites.setdefault(call.module, []).append(site)
+        for module, module_sites in sites.items():
+            setattr(module, CALL_SITES_ATTRIBUTE, tuple(module_sites))
+
+    def _describe_call(
+        self, index: int, call: RecordedCall, earlier: list[RecordedCall]
+    ) -> tuple[AttentionLayerSpec, CallSite]:
+        module_name = type(call.module).__name__
+        mask = call.mask
+        if mask is not None and not isinstance(mask, MaskDescription):
+            raise UnsupportedModelError(
+                f"{module_name} passes its own attention mask or bias ({type(mask).__name__}) to attention; "
+                f"paged attention computes causal masks itself"
+            )
+        if isinstance(mask, MaskDescription) and not mask.causal:
+            raise UnsupportedModelError(f"{module_name} attends to later tokens (its mask is not causal)")
+        window = call.sliding_window
+        chunk = None
+        if isinstance(mask, MaskDescription):
+            window = mask.sliding_window if mask.sliding_window is not None else window
+            chunk = mask.chunk_size
+        if call.key.shape[0] != 1:
+            raise UnsupportedModelError(f"{module_name} changes the batch dimension before attention")
+        # Shared KV: this call receives the very key and value tensors an earlier call stored (a module that
+        # attends twice with the same keys but other values needs a cache of its own).
+        owner = next(
+            (i for i, other in enumerate(earlier) if other.key is call.key and other.value is call.value), None
+        )
+        if owner is not None and self.layers[owner].shares_kv_with is not None:
+            owner = self.layers[owner].shares_kv_with
+        spec = AttentionLayerSpec(
+            num_kv_heads=call.key.shape[1], head_dim=call.key.shape[-1], v_head_dim=call.value.shape[-1],
+            sliding_window=window, shares_kv_with=owner,
+        )
+        return spec, CallSite(index, window, chunk)
+
+    def _check_steps_compose(self) -> None:
+        """The probe prompt in one step and in two must give the same hidden states: a paged KV cache holds
+        everything that carries over between steps (no convolution or recurrent state, no look-ahead)."""
+        input_ids = self._probe_input()
+        device, block_size, split = input_ids.device, 4, PROBE_LENGTH // 2
+        spec = KVCacheSpec(tuple(self.layers), self.hf_model.dtype, block_size)
+        cache = KVCache(spec, -(-PROBE_LENGTH // block_size), device)
+        block_table = torch.arange(cache.num_blocks, dtype=torch.int32, device=device)[None]
+
+        def step(start: int, end: int) -> torch.Tensor:
+            positions, metadata = metadata_for_chunks([start], [end - start], block_table, block_size)
+            with forward_context(ForwardContext(metadata, cache, TorchAttentionBackend())):
+                return self.forward(input_ids[start:end], positions).float()
+
+        whole = step(0, PROBE_LENGTH)
+        cache.storage.zero_()
+        chunked = torch.cat([step(0, split), step(split, PROBE_LENGTH)])
+        error = ((chunked - whole).norm() / whole.norm().clamp_min(1e-12)).item()
+        tolerance = STEP_TOLERANCE.get(self.hf_model.dtype, 3e-2)
+        if not error <= tolerance:
+            raise UnsupportedModelError(
+                f"{type(self.hf_model).__name__} gives different results when a prompt is fed in two steps "
+                f"(relative error {error:.2e}): some layer keeps state outside attention or looks ahead"
+            )
+
+    def _choose_logits_path(self) -> None:
+        """Use the plain output embedding (plus the known scalings) when it equals HF's own forward."""
+        hidden_size = self.config.get_text_config().hidden_size
+        generator = torch.Generator().manual_seed(0)
+        hidden = torch.randn(3, hidden_size, generator=generator).to(self.hf_model.device, self.hf_model.dtype)
+        try:
+            reference = self._hf_head_logits(hidden)
+        except Exception as error:
+            raise UnsupportedModelError(
+                f"{type(self.hf_model).__name__}.forward cannot compute logits from given hidden states "
+                f"({type(error).__name__}: {error})"
+            ) from error
+        if self.lm_head is not None:
+            self.plain_head = True
+            try:
+                plain = self.compute_logits(hidden)
+                self.plain_head = plain.shape == reference.shape and torch.equal(plain, reference)
+            except RuntimeError:  # e.g. a head that projects hidden states before the output embedding
+                self.plain_head = False
+        if not self.plain_head:
+            logger.info("%s: logits through the model's own forward (its head is not a plain projection)",
+                        type(self.hf_model).__name__)
+
+    def _hf_head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits by HF's ``*ForCausalLM.forward`` itself, with its base model swapped for ``hidden``."""
+        dummy_ids = torch.zeros(1, hidden.shape[0], dtype=torch.long, device=hidden.device)
+        with _replaced_submodule(self.hf_model, self.base_model_name, _GivenHiddenStates(hidden)):
+            out = self.hf_model(input_ids=dummy_ids, use_cache=False)
+        return out.logits[0]
+
+
+def _base_model_name(hf_model: nn.Module) -> str:
+    """The attribute holding the base model: ``base_model_prefix`` when it names a submodule, else the child
+    that holds the input embeddings (some classes declare a prefix they do not use)."""
+    prefix = getattr(hf_model, "base_model_prefix", "")
+    if prefix and isinstance(getattr(hf_model, prefix, None), nn.Module):
+        return prefix
+    embeddings = hf_model.get_input_embeddings()
+    for name, child in hf_model.named_children():
+        if any(module is embeddings for module in child.modules()):
+            return name
+    raise UnsupportedModelError(f"cannot find the base model of {type(hf_model).__name__}")
+
+
+class _HiddenStatesOnly(BaseModelOutputWithPast):
+    """A base-model output with nothing but hidden states: every other field a head may read is None."""
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return None
+
+
+class _GivenHiddenStates(nn.Module):
+    """Stands in for an HF base model and returns hidden states computed elsewhere."""
+
+    def __init__(self, hidden: torch.Tensor):
+        super().__init__()
+        self.hidden = hidden
+
+    def forward(self, *args, **kwargs) -> BaseModelOutputWithPast:
+        return _HiddenStatesOnly(last_hidden_state=self.hidden[None])
+
+    def __getattr__(self, name: str):
+        # Heads that call a part of their base model (OPT: ``self.model.decoder(...)``) get this stand-in too.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("_"):
+                raise
+            return self
+
+
+@contextlib.contextmanager
+def _replaced_submodule(parent: nn.Module, name: str, replacement: nn.Module) -> Iterator[None]:
+    original = getattr(parent, name)
+    setattr(parent, name, replacement)
+    try:
+        yield
+    finally:
+        setattr(parent, name, original)
+
+
+@contextlib.contextmanager
+def _attention_implementation(hf_model: nn.Module, name: str) -> Iterator[None]:
+    """Switch every config of the model (sub-configs included) to attention implementation ``name``."""
+    configs = [module.config for module in hf_model.modules() if hasattr(module, "config")]
+    configs = list({id(config): config for config in configs}.values())
+    for config in list(configs):
+        for sub_name in getattr(config, "sub_configs", {}) or {}:
+            sub = getattr(config, sub_name, None)
+            if sub is not None and all(sub is not c for c in configs):
+                configs.append(sub)
+    originals = [config._attn_implementation for config in configs]
+    for config in configs:
+        config._attn_implementation = name
+    try:
+        yield
+    finally:
+        for config, original in zip(configs, originals):
+            config._attn_implementation = original

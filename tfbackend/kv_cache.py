@@ -1,4 +1,10 @@
-"""The paged KV cache: one allocation, viewed per layer as key and value caches of fixed-size blocks."""
+"""The paged KV cache: one allocation, viewed per attention call site as key and value caches of blocks.
+
+Its layout comes from what the model declares (``CausalLM.attention_layers()``), never from config guesses:
+each call site has its own number of KV heads and its own key and value widths, and a site that shares
+another's KV gets that site's views instead of memory of its own. All sites use the same block ids, so one
+block table per sequence addresses every layer.
+"""
 
 from __future__ import annotations
 
@@ -6,42 +12,44 @@ from dataclasses import dataclass
 
 import torch
 
+from tfbackend.model_interface import AttentionLayerSpec
+
+# Each view starts at a multiple of this many elements, so kernels may assume aligned base pointers.
+_VIEW_ALIGNMENT = 64
+
 
 @dataclass(frozen=True)
 class KVCacheSpec:
-    """Shape of one layer's cache entries; the same for every layer of the model."""
+    """The cache layout of a model: its attention call sites, the cache dtype and the block size."""
 
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    v_head_dim: int
+    layers: tuple[AttentionLayerSpec, ...]
     dtype: torch.dtype
     block_size: int
 
+    def __post_init__(self) -> None:
+        for index, layer in enumerate(self.layers):
+            owner = layer.shares_kv_with
+            if owner is not None and not (0 <= owner < index and self.layers[owner].owns_cache):
+                raise ValueError(f"attention layer {index} shares the KV of {owner}, which is not an earlier owner")
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
     @property
     def bytes_per_block(self) -> int:
-        """Bytes one block costs across all layers (keys and values)."""
+        """Bytes one block costs across all layers that own a cache (keys and values)."""
         elem = torch.empty((), dtype=self.dtype).element_size()
-        per_layer = self.block_size * self.num_kv_heads * (self.head_dim + self.v_head_dim) * elem
-        return per_layer * self.num_layers
-
-    @classmethod
-    def from_hf_config(cls, hf_config, dtype: torch.dtype, block_size: int) -> KVCacheSpec:
-        text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
-        num_heads = text.num_attention_heads
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // num_heads
-        return cls(
-            num_layers=text.num_hidden_layers,
-            num_kv_heads=getattr(text, "num_key_value_heads", None) or num_heads,
-            head_dim=head_dim,
-            v_head_dim=getattr(text, "v_head_dim", None) or head_dim,
-            dtype=dtype,
-            block_size=block_size,
+        per_token = sum(
+            layer.num_kv_heads * (layer.head_dim + layer.v_head_dim) for layer in self.layers if layer.owns_cache
         )
+        return self.block_size * per_token * elem
 
 
 def num_blocks_for_budget(spec: KVCacheSpec, budget_bytes: int, max_model_len: int) -> int:
     """How many blocks fit in ``budget_bytes``; raises if not even one max-length sequence fits."""
+    if spec.bytes_per_block == 0:
+        raise ValueError("the model declares no attention layer that keeps KV; it has no use for a paged KV cache")
     num_blocks = budget_bytes // spec.bytes_per_block
     needed = -(-max_model_len // spec.block_size)
     if num_blocks < needed:
@@ -55,22 +63,43 @@ def num_blocks_for_budget(spec: KVCacheSpec, budget_bytes: int, max_model_len: i
 
 
 class KVCache:
-    """All layers' keys and values in one tensor; ``layers[i]`` is ``(key_cache, value_cache)`` of layer i,
-    each ``[num_blocks, block_size, num_kv_heads, head_dim]``."""
+    """All call sites' keys and values in one tensor.
+
+    ``layers[i]`` is ``(key_cache, value_cache)`` of call site i, shaped ``[num_blocks, block_size,
+    num_kv_heads, head_dim]`` and ``[..., v_head_dim]``; a site that shares KV holds its owner's tensors.
+    ``writes[i]`` says whether site i stores its step's keys and values (owners do, sharers do not).
+    """
 
     def __init__(self, spec: KVCacheSpec, num_blocks: int, device: torch.device):
         self.spec = spec
         self.num_blocks = num_blocks
-        k_shape = (num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
-        v_shape = (num_blocks, spec.block_size, spec.num_kv_heads, spec.v_head_dim)
-        k_numel, v_numel = _numel(k_shape), _numel(v_shape)
-        self.storage = torch.zeros(spec.num_layers * (k_numel + v_numel), dtype=spec.dtype, device=device)
+        shapes = []
+        offset = 0
+        for layer in spec.layers:
+            if not layer.owns_cache:
+                continue
+            k_shape = (num_blocks, spec.block_size, layer.num_kv_heads, layer.head_dim)
+            v_shape = (num_blocks, spec.block_size, layer.num_kv_heads, layer.v_head_dim)
+            k_offset = offset
+            v_offset = _aligned(k_offset + _numel(k_shape))
+            offset = _aligned(v_offset + _numel(v_shape))
+            shapes.append((k_offset, k_shape, v_offset, v_shape))
+        self.storage = torch.zeros(offset, dtype=spec.dtype, device=device)
+        owned = iter(shapes)
         self.layers: list[tuple[torch.Tensor, torch.Tensor]] = []
-        for layer in range(spec.num_layers):
-            base = layer * (k_numel + v_numel)
-            key = self.storage[base : base + k_numel].view(k_shape)
-            value = self.storage[base + k_numel : base + k_numel + v_numel].view(v_shape)
-            self.layers.append((key, value))
+        for layer in spec.layers:
+            if layer.owns_cache:
+                k_offset, k_shape, v_offset, v_shape = next(owned)
+                key = self.storage[k_offset : k_offset + _numel(k_shape)].view(k_shape)
+                value = self.storage[v_offset : v_offset + _numel(v_shape)].view(v_shape)
+                self.layers.append((key, value))
+            else:
+                self.layers.append(self.layers[layer.shares_kv_with])
+        self.writes = [layer.owns_cache for layer in spec.layers]
+
+
+def _aligned(offset: int) -> int:
+    return -(-offset // _VIEW_ALIGNMENT) * _VIEW_ALIGNMENT
 
 
 def _numel(shape: tuple[int, ...]) -> int:

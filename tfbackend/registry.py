@@ -12,10 +12,14 @@ import importlib
 import logging
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib.metadata import entry_points
 
+import torch
 import torch.nn as nn
+
+from tfbackend.hf_classes import causal_lm_class
+from tfbackend.model_interface import UnsupportedModelError
 
 logger = logging.getLogger(__name__)
 
@@ -80,49 +84,76 @@ def _import_class(spec: str | type[nn.Module]) -> type[nn.Module]:
     return getattr(importlib.import_module(module_name), class_name)
 
 
-def _hf_model_class(hf_config):
-    from transformers import AutoModelForCausalLM
-
-    mapping = AutoModelForCausalLM._model_mapping
-    if type(hf_config) not in mapping:
-        return None
-    return mapping[type(hf_config)]
+def _supports(model_class, hf_config) -> str | None:
+    """A class's ``supports(hf_config)``; plugin classes without one are taken to support their configs."""
+    supports = getattr(model_class, "supports", None)
+    return supports(hf_config) if supports is not None else None
 
 
-def resolve(hf_config, model_impl: str = "auto") -> ResolvedModel:
-    """Pick the class that will run ``hf_config`` and say why."""
+def candidates(hf_config, model_impl: str = "auto") -> tuple[list[ResolvedModel], list[str]]:
+    """The classes that say they can serve ``hf_config``, best first, and the reasons of those that cannot.
+
+    ``auto``: the native class registered for the checkpoint's architecture, then the Transformers fallback.
+    ``native`` / ``transformers``: only that one.
+    """
     if model_impl not in MODEL_IMPLS:
         raise ValueError(f"model_impl must be one of {MODEL_IMPLS}, got {model_impl!r}")
     load_plugins()
     architectures = list(getattr(hf_config, "architectures", None) or [])
+    name = architectures or hf_config.model_type
+    found: list[ResolvedModel] = []
+    refusals: list[str] = []
     native_arch = next((arch for arch in architectures if arch in _native_models), None)
+    if model_impl in ("auto", "native"):
+        if native_arch is None:
+            refusals.append(f"no native implementation for {name}")
+        else:
+            native = _import_class(_native_models[native_arch])
+            refusal = _supports(native, hf_config)
+            if refusal is None:
+                found.append(ResolvedModel(native, "native", f"native implementation registered for {native_arch}"))
+            else:
+                refusals.append(f"native {native.__name__} declines: {refusal}")
+    if model_impl in ("auto", "transformers"):
+        fallback = _import_class(FALLBACK_CLASS)
+        refusal = fallback.supports(hf_config)
+        if refusal is None:
+            wrapped = f"wrapping {causal_lm_class(hf_config).__name__} from transformers"
+            if model_impl == "transformers":
+                reason = f"model_impl='transformers' forces the fallback, {wrapped}"
+            else:
+                reason = "; ".join([*refusals, wrapped])
+            found.append(ResolvedModel(fallback, "transformers", reason))
+        else:
+            refusals.append(f"Transformers fallback declines: {refusal}")
+    return found, refusals
 
-    if model_impl in ("auto", "native") and native_arch is not None:
-        return ResolvedModel(
-            _import_class(_native_models[native_arch]),
-            "native",
-            f"native implementation registered for {native_arch}",
-        )
-    if model_impl == "native":
-        raise ValueError(
-            f"no native implementation for {architectures or hf_config.model_type}; registered: "
-            f"{sorted(_native_models) or 'none'}. Use model_impl='transformers' or 'auto'."
-        )
 
-    hf_class = _hf_model_class(hf_config)
-    if hf_class is None:
-        raise ValueError(
-            f"transformers has no AutoModelForCausalLM class for model type {hf_config.model_type!r} "
-            f"({architectures}) and no native implementation is registered"
-        )
-    if not getattr(hf_class, "_supports_attention_backend", False):
-        raise ValueError(
-            f"{hf_class.__name__} does not route attention through transformers' AttentionInterface "
-            f"(_supports_attention_backend is not set), so the Transformers fallback cannot run it; "
-            f"register a native implementation for {architectures or hf_config.model_type}"
-        )
-    if model_impl == "transformers":
-        reason = f"model_impl='transformers' forces the fallback ({hf_class.__name__})"
-    else:
-        reason = f"no native implementation for {architectures or hf_config.model_type}; wrapping {hf_class.__name__}"
-    return ResolvedModel(_import_class(FALLBACK_CLASS), "transformers", reason)
+def resolve(hf_config, model_impl: str = "auto") -> ResolvedModel:
+    """Pick the class that will run ``hf_config`` and say why; raise with every refusal if none can."""
+    found, refusals = candidates(hf_config, model_impl)
+    if not found:
+        hint = " Use model_impl='transformers' or 'auto'." if model_impl == "native" else ""
+        raise ValueError(f"cannot serve {hf_config.model_type!r}: " + "; ".join(refusals) + "." + hint)
+    return found[0]
+
+
+def load_model(model_dir, hf_config, model_impl: str, dtype: torch.dtype, device: torch.device):
+    """Load with the best class that can serve the checkpoint: ``(model, its ResolvedModel)``.
+
+    A class may still refuse at load (``UnsupportedModelError``, for what only the built modules show); the
+    next candidate is then tried, and the refusal becomes part of the chosen one's reason.
+    """
+    found, refusals = candidates(hf_config, model_impl)
+    load_refusals: list[str] = []
+    for resolved in found:
+        try:
+            model = resolved.model_class.load(model_dir, hf_config, dtype, device)
+        except UnsupportedModelError as error:
+            logger.info("%s cannot serve this checkpoint: %s", resolved.model_class.__name__, error)
+            load_refusals.append(f"{resolved.model_class.__name__} declines at load: {error}")
+            continue
+        if load_refusals:
+            resolved = replace(resolved, reason="; ".join([*load_refusals, resolved.reason]))
+        return model, resolved
+    raise ValueError(f"cannot serve {hf_config.model_type!r}: " + "; ".join(refusals + load_refusals))

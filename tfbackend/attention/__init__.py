@@ -1,6 +1,11 @@
 """Paged attention: backends, the per-step forward context, and the one entry point models call."""
 
-from tfbackend.attention.backend import AttentionBackend, AttentionMetadata, LayerAttentionOptions
+from tfbackend.attention.backend import (
+    AttentionBackend,
+    AttentionMetadata,
+    LayerAttentionOptions,
+    metadata_for_chunks,
+)
 from tfbackend.attention.context import (
     ForwardContext,
     forward_context,
@@ -17,5 +22,6 @@ __all__ = [
     "forward_context",
     "get_attention_backend",
     "get_forward_context",
+    "metadata_for_chunks",
     "paged_attention",
 ]

@@ -42,6 +42,7 @@ class LayerAttentionOptions:
     sliding_window: int | None = None  # query i sees key j iff i - j < sliding_window
     softcap: float | None = None  # scores -> tanh(scores / softcap) * softcap before softmax
     sinks: torch.Tensor | None = None  # [H_q] extra per-head logit in the softmax denominator
+    chunk_size: int | None = None  # query i sees key j iff i // chunk_size == j // chunk_size (and j <= i)
 
 
 class AttentionBackend(ABC):
@@ -75,3 +76,30 @@ class AttentionBackend(ABC):
         options: LayerAttentionOptions,
     ) -> torch.Tensor:  # [T, H_q, D_v]
         """Causal attention of each query row over its sequence's cached keys."""
+
+
+def metadata_for_chunks(
+    starts: list[int], query_lens: list[int], block_tables: torch.Tensor, block_size: int
+) -> tuple[torch.Tensor, AttentionMetadata]:
+    """``(positions[T], metadata)`` for a step where sequence b appends ``query_lens[b]`` tokens at positions
+    ``starts[b]...`` into the blocks of ``block_tables[b]`` (for tools and load checks; the runner builds
+    its steps vectorised on the host)."""
+    device = block_tables.device
+    seq_lens = [start + n for start, n in zip(starts, query_lens)]
+    query_start_loc = [0]
+    for n in query_lens:
+        query_start_loc.append(query_start_loc[-1] + n)
+    positions = torch.cat([torch.arange(start, end) for start, end in zip(starts, seq_lens)]).to(device)
+    seq_index = torch.repeat_interleave(torch.arange(len(starts)), torch.tensor(query_lens)).to(device)
+    slots = block_tables[seq_index, positions // block_size].long() * block_size + positions % block_size
+    metadata = AttentionMetadata(
+        slot_mapping=slots,
+        query_start_loc=torch.tensor(query_start_loc, dtype=torch.int32, device=device),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+        block_tables=block_tables,
+        max_query_len=max(query_lens),
+        max_seq_len=max(seq_lens),
+        query_start_loc_host=query_start_loc,
+        seq_lens_host=seq_lens,
+    )
+    return positions, metadata

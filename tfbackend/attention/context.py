@@ -9,19 +9,28 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
 from tfbackend.attention.backend import AttentionBackend, AttentionMetadata, LayerAttentionOptions
+from tfbackend.kv_cache import KVCache
 
 
 @dataclass
 class ForwardContext:
     metadata: AttentionMetadata
-    kv_caches: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (key_cache, value_cache)
+    kv_cache: KVCache  # per attention call site: its (key_cache, value_cache) and whether it writes them
     backend: AttentionBackend
+    # Calls so far of modules that attend more than once per forward pass (each call is its own site).
+    call_counts: dict[int, int] = field(default_factory=dict)
+
+    def call_number(self, module: torch.nn.Module, calls_per_forward: int) -> int:
+        """Which of its ``calls_per_forward`` calls ``module`` is making now (0-based)."""
+        count = self.call_counts.get(id(module), 0)
+        self.call_counts[id(module)] = count + 1
+        return count % calls_per_forward
 
 
 _current: ForwardContext | None = None
@@ -53,9 +62,14 @@ def paged_attention(
     value: torch.Tensor,  # [T, H_kv, D_v]
     options: LayerAttentionOptions,
 ) -> torch.Tensor:  # [T, H_q, D_v]
-    """Store this step's K/V for one layer, then attend over each sequence's cached tokens."""
+    """Store this step's K/V for one attention call site, then attend over each sequence's cached tokens.
+
+    ``layer_idx`` is the call site's index in the model's ``attention_layers()``. A site that shares another's
+    KV stores nothing: its ``key`` and ``value`` are the owner's, already in the cache.
+    """
     return torch.ops.tfbackend.paged_attention(
-        layer_idx, query, key, value, options.scale, options.sliding_window, options.softcap, options.sinks
+        layer_idx, query, key, value, options.scale, options.sliding_window, options.softcap, options.sinks,
+        options.chunk_size,
     )
 
 
@@ -72,14 +86,16 @@ def _paged_attention_op(
     sliding_window: Optional[int],
     softcap: Optional[float],
     sinks: Optional[torch.Tensor],
+    chunk_size: Optional[int],
 ) -> torch.Tensor:
     ctx = get_forward_context()
-    key_cache, value_cache = ctx.kv_caches[layer_idx]
-    ctx.backend.write_kv(key, value, key_cache, value_cache, ctx.metadata.slot_mapping)
-    options = LayerAttentionOptions(scale, sliding_window, softcap, sinks)
+    key_cache, value_cache = ctx.kv_cache.layers[layer_idx]
+    if ctx.kv_cache.writes[layer_idx]:
+        ctx.backend.write_kv(key, value, key_cache, value_cache, ctx.metadata.slot_mapping)
+    options = LayerAttentionOptions(scale, sliding_window, softcap, sinks, chunk_size)
     return ctx.backend.attend(query, key_cache, value_cache, ctx.metadata, options)
 
 
 @_paged_attention_op.register_fake
-def _(layer_idx, query, key, value, scale, sliding_window, softcap, sinks):
+def _(layer_idx, query, key, value, scale, sliding_window, softcap, sinks, chunk_size):
     return query.new_empty(query.shape[0], query.shape[1], value.shape[-1])

@@ -8,14 +8,17 @@ from tfbackend.attention.backend import AttentionBackend, AttentionMetadata, Lay
 
 
 def attention_scores_mask(
-    query_positions: torch.Tensor, num_keys: int, sliding_window: int | None
+    query_positions: torch.Tensor, num_keys: int, sliding_window: int | None, chunk_size: int | None = None
 ) -> torch.Tensor:
-    """Boolean [q, k] mask: key j is visible to a query at position i iff j <= i and i - j < window."""
+    """Boolean [q, k] mask: key j is visible to a query at position i iff j <= i, i - j < window, and both
+    fall in the same chunk."""
     key_positions = torch.arange(num_keys, device=query_positions.device)
     distance = query_positions[:, None] - key_positions[None, :]
     visible = distance >= 0
     if sliding_window is not None:
         visible &= distance < sliding_window
+    if chunk_size is not None:
+        visible &= (query_positions[:, None] // chunk_size) == (key_positions[None, :] // chunk_size)
     return visible
 
 
@@ -35,7 +38,7 @@ def reference_attention(
     scores = torch.matmul(q, k.transpose(1, 2)) * options.scale
     if options.softcap is not None:
         scores = torch.tanh(scores / options.softcap) * options.softcap
-    visible = attention_scores_mask(query_positions, key.shape[0], options.sliding_window)
+    visible = attention_scores_mask(query_positions, key.shape[0], options.sliding_window, options.chunk_size)
     scores = scores.masked_fill(~visible, float("-inf"))
     if options.sinks is not None:
         sink = options.sinks.float().reshape(num_q_heads, 1, 1).expand(-1, scores.shape[1], 1)

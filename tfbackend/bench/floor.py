@@ -10,6 +10,7 @@ attention's 4 per head dimension per (query, key) pair.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -36,18 +37,21 @@ class ModelCost:
     attention_flops_per_pair: int  # per (query, key) pair, all layers and heads
 
     @classmethod
-    def from_checkpoint(cls, model_dir: Path, hf_config, dtype: torch.dtype) -> ModelCost:
+    def from_checkpoint(cls, model_dir: Path, hf_config, kv_spec: KVCacheSpec) -> ModelCost:
+        """The checkpoint's sizes, and the KV layout the loaded model declared (``kv_spec``, any block size)."""
         text = hf_config.get_text_config()
         total = _checkpoint_numel(model_dir)
         head = text.vocab_size * text.hidden_size
         embeddings = head if text.tie_word_embeddings else 2 * head
-        spec = KVCacheSpec.from_hf_config(hf_config, dtype, block_size=1)
+        per_token = dataclasses.replace(kv_spec, block_size=1)
+        # Every call site attends with the config's query heads (shared-KV sites too: they read, not store).
+        widths = sum(layer.head_dim + layer.v_head_dim for layer in kv_spec.layers)
         return cls(
-            weight_bytes=total * dtype.itemsize,
+            weight_bytes=total * kv_spec.dtype.itemsize,
             token_params=total - embeddings,
             lm_head_params=head,
-            kv_bytes_per_token=spec.bytes_per_block,
-            attention_flops_per_pair=2 * text.num_attention_heads * (spec.head_dim + spec.v_head_dim) * spec.num_layers,
+            kv_bytes_per_token=per_token.bytes_per_block,
+            attention_flops_per_pair=2 * text.num_attention_heads * widths,
         )
 
     def phase_seconds(self, hw: Hardware, steps: int, tokens: int, sampled: int, kv_written: int,

@@ -115,7 +115,7 @@ class CUDAGraphRunner:
         start, reserved = time.perf_counter(), torch.cuda.memory_reserved()
         pool = torch.cuda.graph_pool_handle()
         for batch_size in reversed(self.batch_sizes):
-            context = ForwardContext(self.metadata(batch_size), self.kv_cache.layers, self.backend)
+            context = ForwardContext(self.metadata(batch_size), self.kv_cache, self.backend)
             input_ids, positions = self.input_ids[:batch_size], self.positions[:batch_size]
             with forward_context(context):
                 # Warm-up outside the graph: Triton compiles, cuBLAS picks its kernels, lazy buffers appear.

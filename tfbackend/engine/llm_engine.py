@@ -30,7 +30,7 @@ from tfbackend.engine.scheduler import ScheduledBatch, Scheduler
 from tfbackend.engine.sequence import Sequence
 from tfbackend.kv_cache import KVCache, KVCacheSpec, num_blocks_for_budget
 from tfbackend.outputs import RequestOutput
-from tfbackend.registry import resolve
+from tfbackend.registry import load_model
 from tfbackend.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -57,14 +57,12 @@ class LLMEngine:
         self.model_dir = resolve_model(config.model)
         hf_config = AutoConfig.from_pretrained(self.model_dir)
         self.hf_config = hf_config
-        resolved = resolve(hf_config, config.model_impl)
-        self.model_impl, self.model_impl_reason = resolved.model_impl, resolved.reason
-        logger.info("model implementation: %s (%s)", self.model_impl, self.model_impl_reason)
-
         self.device = config.torch_device()
         self.dtype = config.torch_dtype(hf_config, self.device)
         torch.manual_seed(config.seed)
-        self.model = resolved.model_class.load(self.model_dir, hf_config, self.dtype, self.device)
+        self.model, resolved = load_model(self.model_dir, hf_config, config.model_impl, self.dtype, self.device)
+        self.model_impl, self.model_impl_reason = resolved.model_impl, resolved.reason
+        logger.info("model implementation: %s (%s)", self.model_impl, self.model_impl_reason)
         self.tokenizer = load_tokenizer(config.tokenizer or self.model_dir)
         self.max_model_len = max_model_len(hf_config, config.max_model_len)
         self.eos_token_ids = eos_token_ids(self.model_dir, hf_config, self.tokenizer)
@@ -74,8 +72,11 @@ class LLMEngine:
         # Graph mode compiles the model too (enforce_eager turns both off); the profiling run compiles it.
         self.forward = CompiledForward(self.model) if self.use_cuda_graphs else self.model
         self.sampler = Sampler(self.device, config.seed, self.eos_token_ids)
-        spec = KVCacheSpec.from_hf_config(hf_config, self.dtype, config.block_size)
-        budget = kv_cache_budget(config, self.device, self.use_cuda_graphs, lambda: self._profile_run(spec))
+        spec = KVCacheSpec(tuple(self.model.attention_layers()), self.dtype, config.block_size)
+        full_batch_bytes = config.max_num_seqs * -(-self.max_model_len // spec.block_size) * spec.bytes_per_block
+        budget = kv_cache_budget(
+            config, self.device, self.use_cuda_graphs, lambda: self._profile_run(spec), full_batch_bytes
+        )
         num_blocks = num_blocks_for_budget(spec, budget, self.max_model_len)
         self.kv_cache = KVCache(spec, num_blocks, self.device)
         logger.info(

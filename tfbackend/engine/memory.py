@@ -18,15 +18,20 @@ CUDA_GRAPH_MEMORY_RESERVE = 512 << 20
 
 
 def kv_cache_budget(
-    config: EngineConfig, device: torch.device, use_cuda_graphs: bool, run_largest_step: Callable[[], None]
+    config: EngineConfig,
+    device: torch.device,
+    use_cuda_graphs: bool,
+    run_largest_step: Callable[[], None],
+    full_batch_bytes: int,
 ) -> int:
-    """Bytes for the KV cache: ``kv_cache_memory`` when set; on CPU a fixed default; on GPU what
+    """Bytes for the KV cache: ``kv_cache_memory`` when set; on CPU a fixed default, or less when
+    ``full_batch_bytes`` (``max_num_seqs`` sequences of ``max_model_len`` tokens) is less; on GPU what
     ``gpu_memory_utilization`` of the GPU leaves after the peak of ``run_largest_step`` (weights, activations,
     sampler temporaries), other processes' memory and the CUDA graphs' pool."""
     if config.kv_cache_memory is not None:
         return config.kv_cache_memory
     if device.type != "cuda":
-        return DEFAULT_CPU_KV_CACHE_BYTES
+        return min(DEFAULT_CPU_KV_CACHE_BYTES, full_batch_bytes)
     peak = profile_peak_memory(device, run_largest_step)
     free, total = torch.cuda.mem_get_info(device)
     used_elsewhere = total - free - torch.cuda.memory_reserved(device)  # CUDA context, other processes

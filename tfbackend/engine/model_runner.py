@@ -194,7 +194,7 @@ class ModelRunner:
             input_ids, positions, metadata = self.prepare(step)
             if pending_tokens is not None:
                 input_ids = resolve_placeholders(input_ids, pending_tokens)
-            with forward_context(ForwardContext(metadata, self.kv_cache.layers, self.attention_backend)):
+            with forward_context(ForwardContext(metadata, self.kv_cache, self.attention_backend)):
                 hidden = self.forward(input_ids, positions)
         sampling_seqs = [seq for seq, sampled in zip(batch.seqs, step.sampled.tolist()) if sampled]
         if not sampling_seqs:

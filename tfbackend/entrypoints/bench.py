@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"measuring {device} (copy bandwidth, {dtype} matrix product)...")
     hardware = measure_hardware(device, dtype)
     print(f"  {hardware.bandwidth / 1e9:,.0f} GB/s, {hardware.matmul_rate / 1e12:,.1f} TFLOP/s")
-    cost = ModelCost.from_checkpoint(model_dir, hf_config, dtype)
+    cost = _LazyCost(model_dir, hf_config)
     scenario = _throughput if args.scenario == "throughput" else _latency
     rows, workload = scenario(args, base, model_dir, cost, hardware, vocab_size, dtype)
 
@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
         rows,
         hardware=dataclasses.asdict(hardware),
         model={"name": args.random_weights or str(args.model), "path": str(model_dir), "dtype": str(dtype),
-               **dataclasses.asdict(cost)},
+               **dataclasses.asdict(cost.value)},
         workload={"scenario": args.scenario, **dataclasses.asdict(workload)},
         engine={k: v for k, v in dataclasses.asdict(base).items() if k not in ("model", "tokenizer", "model_impl")},
     )
@@ -113,17 +113,37 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _throughput(args, base: EngineConfig, model_dir: Path, cost: ModelCost, hardware, vocab_size: int, dtype):
+class _LazyCost:
+    """The model's cost for the floors, known once the first engine has declared its KV layout (engines run
+    before the HF peers, so every floor is computed after that)."""
+
+    def __init__(self, model_dir: Path, hf_config):
+        self.model_dir, self.hf_config = model_dir, hf_config
+        self._value: ModelCost | None = None
+
+    def learn(self, llm: LLM) -> None:
+        if self._value is None:
+            self._value = ModelCost.from_checkpoint(self.model_dir, self.hf_config, llm.engine.kv_cache.spec)
+
+    @property
+    def value(self) -> ModelCost:
+        if self._value is None:
+            raise RuntimeError("the model cost is known only after an engine has loaded the model")
+        return self._value
+
+
+def _throughput(args, base: EngineConfig, model_dir: Path, cost: _LazyCost, hardware, vocab_size: int, dtype):
     workload = ThroughputWorkload(args.num_requests, args.input_len_min, args.input_len_max, args.output_len, args.seed)
     if not 1 <= workload.input_min <= workload.input_max:
         raise ValueError("need 1 <= --input-len-min <= --input-len-max")
     prompts = workload.prompts(vocab_size)
 
     def floor(subset: list[list[int]]) -> float:
-        return throughput_floor(cost, hardware, [len(p) for p in subset], workload.output_len,
+        return throughput_floor(cost.value, hardware, [len(p) for p in subset], workload.output_len,
                                 base.max_num_seqs, base.max_num_batched_tokens)
 
     def on_engine(llm: LLM, system: str) -> list[dict]:
+        cost.learn(llm)
         print(f"{system}: {workload.num_requests} requests...")
         return [report.throughput_row(system, run_throughput(llm, workload, vocab_size), floor(prompts))]
 
@@ -144,14 +164,15 @@ def _throughput(args, base: EngineConfig, model_dir: Path, cost: ModelCost, hard
     return _run_all(args, base, model_dir, dtype, on_engine, on_hf_model), workload
 
 
-def _latency(args, base: EngineConfig, model_dir: Path, cost: ModelCost, hardware, vocab_size: int, dtype):
+def _latency(args, base: EngineConfig, model_dir: Path, cost: _LazyCost, hardware, vocab_size: int, dtype):
     workload = LatencyWorkload(args.batch_size, args.input_len, args.output_len, args.num_iters, args.seed)
 
     def row(system: str, result) -> dict:
-        return report.latency_row(system, result, *latency_floor(cost, hardware, result.batch_size,
+        return report.latency_row(system, result, *latency_floor(cost.value, hardware, result.batch_size,
                                                                  workload.input_len, workload.output_len))
 
     def on_engine(llm: LLM, system: str) -> list[dict]:
+        cost.learn(llm)
         print(f"{system}: batch sizes {workload.batch_sizes}...")
         return [row(system, result) for result in run_latency(llm, workload, vocab_size)]
 

@@ -11,22 +11,21 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from itertools import accumulate
 
 import torch
 from transformers import AutoConfig
 
 from tfbackend.attention import (
     AttentionBackend,
-    AttentionMetadata,
     ForwardContext,
     forward_context,
     get_attention_backend,
+    metadata_for_chunks,
 )
 from tfbackend.config import DTYPES
 from tfbackend.engine.model_files import load_tokenizer
 from tfbackend.kv_cache import KVCache, KVCacheSpec
-from tfbackend.registry import MODEL_IMPLS, resolve
+from tfbackend.registry import MODEL_IMPLS, load_model
 
 DEFAULT_PROMPT_LENGTHS = (5, 12, 23)  # random token ids: short, one block and a bit, several blocks
 
@@ -61,25 +60,9 @@ def forward_step(
     starts: list[int],
 ) -> torch.Tensor:
     """One model step: sequence b appends ``chunks[b]`` at positions ``starts[b]...``; returns their logits."""
-    device, block_size = cache.storage.device, cache.spec.block_size
-    query_lens = [len(chunk) for chunk in chunks]
-    seq_lens = [start + n for start, n in zip(starts, query_lens)]
-    query_start_loc = [0, *accumulate(query_lens)]
-    positions = torch.cat([torch.arange(start, end) for start, end in zip(starts, seq_lens)]).to(device)
-    seq_index = torch.repeat_interleave(torch.arange(len(chunks)), torch.tensor(query_lens)).to(device)
-    slots = block_tables[seq_index, positions // block_size].long() * block_size + positions % block_size
-    metadata = AttentionMetadata(
-        slot_mapping=slots,
-        query_start_loc=torch.tensor(query_start_loc, dtype=torch.int32, device=device),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
-        block_tables=block_tables,
-        max_query_len=max(query_lens),
-        max_seq_len=max(seq_lens),
-        query_start_loc_host=query_start_loc,
-        seq_lens_host=seq_lens,
-    )
-    input_ids = torch.tensor([token for chunk in chunks for token in chunk], device=device)
-    with forward_context(ForwardContext(metadata, cache.layers, backend)):
+    positions, metadata = metadata_for_chunks(starts, [len(c) for c in chunks], block_tables, cache.spec.block_size)
+    input_ids = torch.tensor([token for chunk in chunks for token in chunk], device=block_tables.device)
+    with forward_context(ForwardContext(metadata, cache, backend)):
         hidden = model(input_ids, positions)
     return model.compute_logits(hidden)
 
@@ -87,7 +70,6 @@ def forward_step(
 @torch.inference_mode()
 def run_greedy(
     model: torch.nn.Module,
-    hf_config,
     prompts: list[list[int]],
     max_tokens: int,
     dtype: torch.dtype,
@@ -96,7 +78,8 @@ def run_greedy(
 ) -> GreedyRun:
     """Greedy-decode ``max_tokens`` tokens for every prompt, batched, recording all logits."""
     blocks_per_seq = -(-(max(map(len, prompts)) + max_tokens) // block_size)
-    cache = KVCache(KVCacheSpec.from_hf_config(hf_config, dtype, block_size), len(prompts) * blocks_per_seq, device)
+    spec = KVCacheSpec(tuple(model.attention_layers()), dtype, block_size)
+    cache = KVCache(spec, len(prompts) * blocks_per_seq, device)
     block_tables = torch.arange(cache.num_blocks, dtype=torch.int32, device=device).view(len(prompts), -1)
     backend = get_attention_backend("auto", device)
 
@@ -184,10 +167,9 @@ def run(args: argparse.Namespace) -> int:
     runs = []
     for impl in args.model_impl:
         hf_config = AutoConfig.from_pretrained(model_dir)  # fresh: HF loading may annotate the config
-        resolved = resolve(hf_config, impl)
+        model, resolved = load_model(model_dir, hf_config, impl, dtype, device)
         print(f"{impl}: {resolved.model_class.__module__}.{resolved.model_class.__qualname__} ({resolved.reason})")
-        model = resolved.model_class.load(model_dir, hf_config, dtype, device)
-        runs.append(run_greedy(model, hf_config, prompts, args.max_tokens, dtype, device))
+        runs.append(run_greedy(model, prompts, args.max_tokens, dtype, device))
         del model  # one model in memory at a time
 
     result = compare(runs[0], runs[1], args.atol)

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from tfbackend.model_interface import CausalLM
 from tfbackend.native.weights import iterate_safetensors
 
 
@@ -133,13 +134,15 @@ class MergedLinear(nn.Linear):
             yield name, param.data.narrow(0, offset, size)
 
 
-class NativeCausalLM(nn.Module):
-    """Base of native ports: the engine's model contract, meta-device construction and strict loading.
+class NativeCausalLM(CausalLM):
+    """Base of native ports: meta-device construction and strict loading on top of the model contract.
 
     A subclass builds its modules in ``__init__(hf_config)`` under the names of the HF checkpoint
     (``model.layers.0.self_attn...``), using ``MergedLinear`` where HF has separate projections, and
-    implements ``forward(input_ids[T], positions[T]) -> hidden[T, H]`` (after the final norm; attention
-    through ``tfbackend.attention.paged_attention``) and ``compute_logits(hidden[N, H]) -> [N, V]``.
+    implements ``supports(hf_config)`` (which configs it reproduces exactly), ``forward(input_ids[T],
+    positions[T]) -> hidden[T, H]`` (after the final norm; attention through
+    ``tfbackend.attention.paged_attention``), ``compute_logits(hidden[N, H]) -> [N, V]`` and
+    ``attention_layers()`` (the KV layout of each ``paged_attention`` call, by its ``layer_idx``).
     """
 
     @classmethod

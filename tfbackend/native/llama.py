@@ -15,7 +15,18 @@ import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
 from tfbackend.attention import LayerAttentionOptions, paged_attention
-from tfbackend.native.layers import MergedLinear, NativeCausalLM, RMSNorm, RotaryEmbedding, apply_rotary_emb
+from tfbackend.model_interface import AttentionLayerSpec
+from tfbackend.native.layers import (
+    SUPPORTED_ROPE_TYPES,
+    MergedLinear,
+    NativeCausalLM,
+    RMSNorm,
+    RotaryEmbedding,
+    apply_rotary_emb,
+)
+
+
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 @dataclass(frozen=True)
@@ -44,9 +55,7 @@ class LlamaVariant:
                 return cls(True, False, False, qk_norm=False, sliding_windows=windows)
             bias = config.attention_bias
             return cls(bias, bias, False, qk_norm=True, sliding_windows=windows)
-        raise ValueError(
-            f"the native Llama port covers model types llama, mistral, qwen2 and qwen3, not {config.model_type!r}"
-        )
+        raise ValueError(f"the native Llama port covers model types {MODEL_TYPES}, not {config.model_type!r}")
 
 
 def head_dim_of(config) -> int:
@@ -138,10 +147,22 @@ class LlamaModel(nn.Module):
 class LlamaForCausalLM(NativeCausalLM):
     """Serves LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM and Qwen3ForCausalLM checkpoints."""
 
+    @classmethod
+    def supports(cls, hf_config) -> str | None:
+        config = hf_config.get_text_config()
+        if config.model_type not in MODEL_TYPES:
+            return f"it covers model types {', '.join(MODEL_TYPES)}, not {config.model_type!r}"
+        rope_type = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            return f"its RoPE supports {', '.join(SUPPORTED_ROPE_TYPES)}, not {rope_type!r}"
+        return None
+
     def __init__(self, hf_config):
         super().__init__()
         config = hf_config.get_text_config()
-        self.model = LlamaModel(config, LlamaVariant.from_hf_config(config))
+        self.config = config
+        self.variant = LlamaVariant.from_hf_config(config)
+        self.model = LlamaModel(config, self.variant)
         # Tied checkpoints have no lm_head: the logits reuse the embedding matrix.
         self.lm_head = None
         if not config.tie_word_embeddings:
@@ -150,6 +171,13 @@ class LlamaForCausalLM(NativeCausalLM):
     def skips_checkpoint_tensor(self, name: str) -> bool:
         # Some tied checkpoints store lm_head.weight anyway; HF ties it to the embedding regardless.
         return super().skips_checkpoint_tensor(name) or (self.lm_head is None and name == "lm_head.weight")
+
+    def attention_layers(self) -> list[AttentionLayerSpec]:
+        head_dim = head_dim_of(self.config)
+        return [
+            AttentionLayerSpec(self.config.num_key_value_heads, head_dim, head_dim, sliding_window=window)
+            for window in self.variant.sliding_windows
+        ]
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, positions)

@@ -1,0 +1,51 @@
+"""Facts about Hugging Face model classes, read from the installed transformers rather than assumed.
+
+Which class serves a config, and which of its layers keep state beyond keys and values, change from one
+transformers release to the next; everything here asks transformers itself.
+"""
+
+from __future__ import annotations
+
+import transformers
+from transformers import AutoModelForCausalLM, cache_utils
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+# Cache layer classes that hold nothing but per-token keys and values (or nothing at all). Looked up by
+# name: not every transformers 5.x release has all of them.
+_KV_ONLY_CACHE_LAYERS = tuple(
+    cls
+    for cls in (getattr(cache_utils, name, None) for name in ("DynamicLayer", "DynamicSlidingWindowLayer", "DummyLayer"))
+    if cls is not None
+)
+
+
+def causal_lm_class(hf_config) -> type | None:
+    """The HF class that generates with this config: by config type, else the checkpoint's architectures
+    (text decoders of multimodal checkpoints save a ``*_text`` config type that no auto mapping lists), else
+    by the config's text sub-config."""
+    mapping = AutoModelForCausalLM._model_mapping
+    if type(hf_config) in mapping:
+        return mapping[type(hf_config)]
+    causal_lm_names = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    for architecture in getattr(hf_config, "architectures", None) or []:
+        if architecture in causal_lm_names:
+            return getattr(transformers, architecture)
+    text_config = hf_config.get_text_config(decoder=True)
+    if text_config is not hf_config and type(text_config) in mapping:
+        return mapping[type(text_config)]
+    return None
+
+
+def stateful_layer_types(hf_config) -> list[str]:
+    """Layer types of the config whose HF cache layer holds more than keys and values (conv or recurrent
+    state, indexer keys, compressed KV), as transformers' own ``DynamicCache`` would build them."""
+    layer_types_of = getattr(cache_utils, "get_layer_types_and_kwargs", None)
+    mapping = getattr(cache_utils, "DYNAMIC_LAYER_TYPE_MAPPING", None)
+    if layer_types_of is None or mapping is None:
+        return []  # older transformers: no per-layer cache classes to ask; the load check still runs
+    text_config = hf_config.get_text_config(decoder=True)
+    try:
+        layer_types, _ = layer_types_of(text_config)
+    except (AttributeError, TypeError, ValueError):  # a config without the per-layer fields it expects
+        return []
+    return sorted({t for t in layer_types if mapping.get(t) not in _KV_ONLY_CACHE_LAYERS})

@@ -1,0 +1,87 @@
+"""The model contract: what every implementation (native port, Transformers fallback, compat tier) offers.
+
+The engine never looks inside a model. It asks the class whether it can serve a config (``supports``),
+loads it (``load``), asks the loaded model which attention call sites need KV cache and in what layout
+(``attention_layers``) to size and allocate the cache, and then runs steps through ``forward`` and
+``compute_logits``. Runner, CUDA graphs, sampler and tensor parallelism work the same for all of them.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+
+class UnsupportedModelError(ValueError):
+    """Raised by ``load`` when the model turns out to need something this implementation cannot do.
+
+    Most refusals come from ``supports`` before anything is loaded; this one is for what only shows once the
+    modules exist (e.g. a layer that passes its own attention mask). ``model_impl="auto"`` then tries the
+    next implementation, as it does after a refusal by ``supports``.
+    """
+
+
+@dataclass(frozen=True)
+class AttentionLayerSpec:
+    """The KV cache layout of one attention call site.
+
+    A call site is one call of ``paged_attention`` per step: usually one per decoder layer, two for a layer
+    that attends twice. Call sites are numbered in the order a forward pass reaches them; that number is the
+    ``layer_idx`` the model passes to ``paged_attention`` and the index into the engine's KV cache.
+    """
+
+    num_kv_heads: int
+    head_dim: int  # width of a cached key
+    v_head_dim: int  # width of a cached value (MLA caches keys wider than values)
+    sliding_window: int | None = None  # the site never looks further back than this many tokens
+    shares_kv_with: int | None = None  # reads the cache of this earlier site and writes none of its own
+
+    def __post_init__(self) -> None:
+        if min(self.num_kv_heads, self.head_dim, self.v_head_dim) < 1:
+            raise ValueError(f"an attention layer needs positive head counts and widths, got {self}")
+
+    @property
+    def owns_cache(self) -> bool:
+        return self.shares_kv_with is None
+
+
+class CausalLM(nn.Module, ABC):
+    """A decoder the engine can run: a flattened step of tokens in, hidden states out, logits on demand.
+
+    A step is one batch of ``T`` tokens with no padding: prefill chunks and decode tokens of many sequences
+    laid end to end. The model only sees token ids and their positions; which sequence a token belongs to,
+    causality and the KV cache reach its attention through the forward context that the runner sets
+    (``tfbackend.attention.paged_attention``).
+    """
+
+    @classmethod
+    def supports(cls, hf_config) -> str | None:
+        """None if this class can serve ``hf_config``, else the reason it cannot (shown to the user)."""
+        return None
+
+    @classmethod
+    @abstractmethod
+    def load(cls, model_dir: str | Path, hf_config, dtype: torch.dtype, device: torch.device) -> CausalLM:
+        """A ready model on ``device`` in ``dtype`` with the checkpoint's weights.
+
+        May raise ``UnsupportedModelError`` for what ``supports`` could not see from the config alone.
+        """
+
+    @abstractmethod
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """``input_ids[T]``, ``positions[T]`` -> ``hidden[T, H]``: the whole step, after the final norm."""
+
+    @abstractmethod
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden[N, H]`` -> ``logits[N, V]``, for the rows that sample (LM head and any final transform)."""
+
+    @abstractmethod
+    def attention_layers(self) -> list[AttentionLayerSpec]:
+        """Every attention call site of a forward pass, in call order, with its KV cache layout.
+
+        The engine allocates the cache from this list alone. An empty list means the model keeps no paged KV.
+        """
