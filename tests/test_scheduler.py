@@ -8,7 +8,6 @@ that every sequence only ever reads K/V of its own prefix (prefix caching and bl
 
 from __future__ import annotations
 
-import itertools
 import random
 from dataclasses import dataclass, field
 
