@@ -164,7 +164,7 @@ def _probe_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     positions = torch.arange(key.shape[2], device=query.device)
     out = reference_attention(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),
                               positions[-query.shape[2]:], options)
-    return out.unsqueeze(0), None
+    return out.contiguous().unsqueeze(0), None  # contiguous, like the paged backends' outputs
 
 
 @contextlib.contextmanager

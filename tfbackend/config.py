@@ -26,6 +26,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     enforce_eager: bool = False
     seed: int = 0
+    trust_remote_code: bool = False  # run modeling code that a checkpoint ships (its auto_map)
 
     def validate(self) -> None:
         positive = {

@@ -7,7 +7,8 @@ transformers release to the next; everything here asks transformers itself.
 from __future__ import annotations
 
 import transformers
-from transformers import AutoModelForCausalLM, cache_utils
+from transformers import AutoConfig, AutoModelForCausalLM, cache_utils
+from transformers.dynamic_module_utils import get_class_from_dynamic_module
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 # Cache layer classes that hold nothing but per-token keys and values (or nothing at all). Looked up by
@@ -19,10 +20,40 @@ _KV_ONLY_CACHE_LAYERS = tuple(
 )
 
 
+REMOTE_CODE_FLAG = "--trust-remote-code (trust_remote_code=True)"
+
+
+def remote_code_class_ref(hf_config) -> str | None:
+    """The checkpoint's own causal-LM class (``auto_map``), when it ships modeling code."""
+    return (getattr(hf_config, "auto_map", None) or {}).get("AutoModelForCausalLM")
+
+
+def load_hf_config(model_dir, trust_remote_code: bool = False):
+    """The checkpoint's config; a checkpoint that ships its own modeling code needs ``trust_remote_code``."""
+    try:
+        hf_config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    except ValueError as error:
+        if "trust_remote_code" in str(error) and not trust_remote_code:
+            raise ValueError(
+                f"{model_dir} ships its own configuration code; run it only if you trust it, with {REMOTE_CODE_FLAG}"
+            ) from error
+        raise
+    if remote_code_class_ref(hf_config) is not None and not trust_remote_code:
+        raise ValueError(
+            f"{model_dir} ships its own modeling code ({remote_code_class_ref(hf_config)}); run it only if you "
+            f"trust it, with {REMOTE_CODE_FLAG}"
+        )
+    return hf_config
+
+
 def causal_lm_class(hf_config) -> type | None:
-    """The HF class that generates with this config: by config type, else the checkpoint's architectures
-    (text decoders of multimodal checkpoints save a ``*_text`` config type that no auto mapping lists), else
-    by the config's text sub-config."""
+    """The HF class that generates with this config: the checkpoint's own code when it ships some (allowed by
+    ``load_hf_config``), else by config type, else the checkpoint's architectures (text decoders of
+    multimodal checkpoints save a ``*_text`` config type that no auto mapping lists), else by the config's text
+    sub-config."""
+    class_ref = remote_code_class_ref(hf_config)
+    if class_ref is not None:
+        return get_class_from_dynamic_module(class_ref, hf_config._name_or_path)
     mapping = AutoModelForCausalLM._model_mapping
     if type(hf_config) in mapping:
         return mapping[type(hf_config)]

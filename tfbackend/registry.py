@@ -18,7 +18,7 @@ from importlib.metadata import entry_points
 import torch
 import torch.nn as nn
 
-from tfbackend.hf_classes import causal_lm_class
+from tfbackend.hf_classes import causal_lm_class, remote_code_class_ref
 from tfbackend.model_interface import UnsupportedModelError
 
 logger = logging.getLogger(__name__)
@@ -105,7 +105,9 @@ def candidates(hf_config, model_impl: str = "auto") -> tuple[list[ResolvedModel]
     refusals: list[str] = []
     native_arch = next((arch for arch in architectures if arch in _native_models), None)
     if model_impl in ("auto", "native"):
-        if native_arch is None:
+        if remote_code_class_ref(hf_config) is not None:
+            refusals.append("the checkpoint ships its own modeling code, which no native port reproduces")
+        elif native_arch is None:
             refusals.append(f"no native implementation for {name}")
         else:
             native = _import_class(_native_models[native_arch])

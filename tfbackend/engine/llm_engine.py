@@ -13,7 +13,6 @@ import logging
 from dataclasses import dataclass
 
 import torch
-from transformers import AutoConfig
 
 from tfbackend.attention import get_attention_backend
 from tfbackend.config import EngineConfig
@@ -30,6 +29,7 @@ from tfbackend.engine.scheduler import ScheduledBatch, Scheduler
 from tfbackend.engine.sequence import Sequence
 from tfbackend.kv_cache import KVCache, KVCacheSpec, num_blocks_for_budget
 from tfbackend.outputs import RequestOutput
+from tfbackend.hf_classes import load_hf_config
 from tfbackend.registry import load_model
 from tfbackend.sampling_params import SamplingParams
 
@@ -55,7 +55,7 @@ class LLMEngine:
         config.validate()
         self.config = config
         self.model_dir = resolve_model(config.model)
-        hf_config = AutoConfig.from_pretrained(self.model_dir)
+        hf_config = load_hf_config(self.model_dir, config.trust_remote_code)
         self.hf_config = hf_config
         self.device = config.torch_device()
         self.dtype = config.torch_dtype(hf_config, self.device)

@@ -16,7 +16,6 @@ import gc
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig
 
 from tfbackend.bench import peers as hf_peers
 from tfbackend.bench import report
@@ -25,6 +24,7 @@ from tfbackend.bench.presets import PRESETS, random_checkpoint
 from tfbackend.bench.workloads import LatencyWorkload, ThroughputWorkload, run_latency, run_throughput
 from tfbackend.config import EngineConfig
 from tfbackend.entrypoints.engine_args import add_engine_args, engine_config_from_args
+from tfbackend.hf_classes import load_hf_config
 from tfbackend.llm import LLM
 from tfbackend.model_source import resolve_model
 from tfbackend.registry import MODEL_IMPLS
@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--output-len must be at least 2 (a first token and one decode step)")
     model_dir = random_checkpoint(args.random_weights) if args.random_weights else resolve_model(args.model)
     base = engine_config_from_args(args, model_dir)
-    hf_config = AutoConfig.from_pretrained(model_dir)
+    hf_config = load_hf_config(model_dir, base.trust_remote_code)
     device = base.torch_device()
     dtype = base.torch_dtype(hf_config, device)
     vocab_size = hf_config.get_text_config().vocab_size

@@ -13,7 +13,6 @@ import argparse
 from dataclasses import dataclass
 
 import torch
-from transformers import AutoConfig
 
 from tfbackend.attention import (
     AttentionBackend,
@@ -24,6 +23,7 @@ from tfbackend.attention import (
 )
 from tfbackend.config import DTYPES
 from tfbackend.engine.model_files import load_tokenizer
+from tfbackend.hf_classes import load_hf_config
 from tfbackend.kv_cache import KVCache, KVCacheSpec
 from tfbackend.registry import MODEL_IMPLS, load_model
 
@@ -139,6 +139,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--max-tokens", type=int, default=16, help="greedy tokens per prompt")
     parser.add_argument("--atol", type=float, default=1e-4, help="largest |Δlogits| still counted as a match")
     parser.add_argument("--seed", type=int, default=0, help="seed for the default random prompts")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="run the modeling code a checkpoint ships (config.json auto_map)")
 
 
 def _prompt_token_ids(args: argparse.Namespace, model_dir, hf_config) -> list[list[int]]:
@@ -162,11 +164,11 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-tokens must be at least 1, got {args.max_tokens}")
     model_dir = resolve_model(args.model)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    prompts = _prompt_token_ids(args, model_dir, AutoConfig.from_pretrained(model_dir))
+    prompts = _prompt_token_ids(args, model_dir, load_hf_config(model_dir, args.trust_remote_code))
 
     runs = []
     for impl in args.model_impl:
-        hf_config = AutoConfig.from_pretrained(model_dir)  # fresh: HF loading may annotate the config
+        hf_config = load_hf_config(model_dir, args.trust_remote_code)  # fresh: HF loading may annotate it
         model, resolved = load_model(model_dir, hf_config, impl, dtype, device)
         print(f"{impl}: {resolved.model_class.__module__}.{resolved.model_class.__qualname__} ({resolved.reason})")
         runs.append(run_greedy(model, prompts, args.max_tokens, dtype, device))

@@ -60,6 +60,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         help="fraction of GPU memory the engine may use: weights, activations and KV cache")
     add("--enforce-eager", action="store_true", help="never capture CUDA graphs")
     add("--seed", type=int, default=defaults.seed, help="seed for requests that set none")
+    add("--trust-remote-code", action="store_true",
+        help="run the modeling code a checkpoint ships (config.json auto_map); only for checkpoints you trust")
 
 
 def engine_config_from_args(args: argparse.Namespace, model_path: str | Path) -> EngineConfig:
@@ -80,6 +82,7 @@ def engine_config_from_args(args: argparse.Namespace, model_path: str | Path) ->
         gpu_memory_utilization=args.gpu_memory_utilization,
         enforce_eager=args.enforce_eager,
         seed=args.seed,
+        trust_remote_code=args.trust_remote_code,
     )
     config.validate()
     return config
