@@ -15,6 +15,10 @@ if not os.path.exists("/dev/nvidia0"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--sweep", action="store_true", help="coverage: run every causal-LM type, not a sample")
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """The default model (SmolLM2-135M-Instruct) as a safetensors folder, converted from its GGUF once.

@@ -49,6 +49,18 @@ class AttentionLayerSpec:
         return self.shares_kv_with is None
 
 
+@dataclass(frozen=True)
+class SequenceStateSpec:
+    """Memory a model keeps for each sequence outside the paged KV cache: ``fixed_bytes`` whatever the length
+    (recurrent or convolution states) plus ``bytes_per_token`` (keys and values in its own cache objects)."""
+
+    fixed_bytes: int
+    bytes_per_token: int
+
+    def sequence_bytes(self, num_tokens: int) -> int:
+        return self.fixed_bytes + self.bytes_per_token * num_tokens
+
+
 class CausalLM(nn.Module, ABC):
     """A decoder the engine can run: a flattened step of tokens in, hidden states out, logits on demand.
 
@@ -56,7 +68,14 @@ class CausalLM(nn.Module, ABC):
     laid end to end. The model only sees token ids and their positions; which sequence a token belongs to,
     causality and the KV cache reach its attention through the forward context that the runner sets
     (``tfbackend.attention.paged_attention``).
+
+    The class attributes say which engine features the implementation allows: prompts split over several
+    steps, prefix caching (a prompt resuming from another sequence's cached blocks) and CUDA graphs.
     """
+
+    supports_chunked_prefill: bool = True
+    supports_prefix_caching: bool = True
+    supports_cuda_graphs: bool = True
 
     @classmethod
     def supports(cls, hf_config) -> str | None:
@@ -85,3 +104,8 @@ class CausalLM(nn.Module, ABC):
 
         The engine allocates the cache from this list alone. An empty list means the model keeps no paged KV.
         """
+
+    def sequence_state(self) -> SequenceStateSpec | None:
+        """Per-sequence memory kept outside the paged KV cache, which bounds how many sequences run at once;
+        None when everything lives in the paged cache."""
+        return None

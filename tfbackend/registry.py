@@ -1,4 +1,5 @@
-"""Which model class runs a checkpoint: a native port when one is registered, else the Transformers fallback.
+"""Which model class runs a checkpoint: a native port when one is registered and accepts the config, else the
+Transformers fallback on our paged KV cache, else the compat tier (HF's own attention and caches).
 
 Built-in native ports are listed as lazy ``"module:Class"`` strings, imported only when resolved. Out-of-tree
 ports register with ``register_model(arch, cls_or_"module:Class")``, typically from a plugin: a package that
@@ -24,8 +25,9 @@ from tfbackend.model_interface import UnsupportedModelError
 logger = logging.getLogger(__name__)
 
 PLUGIN_GROUP = "tfbackend.plugins"
-MODEL_IMPLS = ("auto", "native", "transformers")
+MODEL_IMPLS = ("auto", "native", "transformers", "compat")
 FALLBACK_CLASS = "tfbackend.adapter:TransformersForCausalLM"
+COMPAT_CLASS = "tfbackend.compat.model:CompatCausalLM"
 _LAZY_CLASS = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 
 # Architecture (HF config.architectures[0]) -> native implementation, imported lazily.
@@ -43,8 +45,13 @@ _plugins_loaded = False
 @dataclass(frozen=True)
 class ResolvedModel:
     model_class: type[nn.Module]
-    model_impl: str  # "native" or "transformers"
-    reason: str
+    model_impl: str  # "native", "transformers" or "compat"
+    choice: str  # what was chosen, e.g. "native implementation registered for LlamaForCausalLM"
+    passed_over: tuple[str, ...] = ()  # why better implementations did not serve it
+
+    @property
+    def reason(self) -> str:
+        return "; ".join([*self.passed_over, self.choice])
 
 
 def register_model(architecture: str, model_class: str | type[nn.Module]) -> None:
@@ -93,8 +100,8 @@ def _supports(model_class, hf_config) -> str | None:
 def candidates(hf_config, model_impl: str = "auto") -> tuple[list[ResolvedModel], list[str]]:
     """The classes that say they can serve ``hf_config``, best first, and the reasons of those that cannot.
 
-    ``auto``: the native class registered for the checkpoint's architecture, then the Transformers fallback.
-    ``native`` / ``transformers``: only that one.
+    ``auto``: the native class registered for the checkpoint's architecture, then the Transformers fallback
+    (paged KV cache), then the compat tier (HF's own attention and caches). Any other value: only that one.
     """
     if model_impl not in MODEL_IMPLS:
         raise ValueError(f"model_impl must be one of {MODEL_IMPLS}, got {model_impl!r}")
@@ -122,12 +129,23 @@ def candidates(hf_config, model_impl: str = "auto") -> tuple[list[ResolvedModel]
         if refusal is None:
             wrapped = f"wrapping {causal_lm_class(hf_config).__name__} from transformers"
             if model_impl == "transformers":
-                reason = f"model_impl='transformers' forces the fallback, {wrapped}"
-            else:
-                reason = "; ".join([*refusals, wrapped])
-            found.append(ResolvedModel(fallback, "transformers", reason))
+                wrapped = f"model_impl='transformers' forces the fallback, {wrapped}"
+            found.append(ResolvedModel(fallback, "transformers", wrapped, tuple(refusals)))
         else:
             refusals.append(f"Transformers fallback declines: {refusal}")
+    if model_impl in ("auto", "compat"):
+        compat = _import_class(COMPAT_CLASS)
+        refusal = compat.supports(hf_config)
+        if refusal is None:
+            running = (
+                f"running {causal_lm_class(hf_config).__name__} with its own attention and caches, continuously "
+                f"batched (no prefix caching or chunked prefill)"
+            )
+            if model_impl == "compat":
+                running = f"model_impl='compat' forces the compat tier, {running}"
+            found.append(ResolvedModel(compat, "compat", running, tuple(refusals)))
+        else:
+            refusals.append(f"compat tier declines: {refusal}")
     return found, refusals
 
 
@@ -155,7 +173,7 @@ def load_model(model_dir, hf_config, model_impl: str, dtype: torch.dtype, device
             logger.info("%s cannot serve this checkpoint: %s", resolved.model_class.__name__, error)
             load_refusals.append(f"{resolved.model_class.__name__} declines at load: {error}")
             continue
-        if load_refusals:
-            resolved = replace(resolved, reason="; ".join([*load_refusals, resolved.reason]))
+        if load_refusals:  # after the refusals this candidate already lists, which came before them
+            resolved = replace(resolved, passed_over=(*resolved.passed_over, *load_refusals))
         return model, resolved
     raise ValueError(f"cannot serve {hf_config.model_type!r}: " + "; ".join(refusals + load_refusals))

@@ -28,6 +28,8 @@ class AttentionMetadata:
     # Host copies, so a backend that loops over sequences never synchronises with the device.
     query_start_loc_host: list[int] | None = None
     seq_lens_host: list[int] | None = None
+    # The engine's id of each sequence, for models that keep per-sequence state of their own (the compat tier).
+    seq_ids_host: list[int] | None = None
 
     @property
     def num_seqs(self) -> int:

@@ -19,7 +19,7 @@ from tfbackend.config import EngineConfig
 from tfbackend.engine.block_manager import BlockManager
 from tfbackend.engine.cuda_graphs import GRAPH_SAFE_BACKENDS, CompiledForward
 from tfbackend.engine.device import placeholder
-from tfbackend.engine.memory import kv_cache_budget
+from tfbackend.engine.memory import kv_cache_budget, plan_cache
 from tfbackend.engine.model_files import eos_token_ids, load_tokenizer, max_model_len
 from tfbackend.engine.model_runner import ModelRunner, PendingStep
 from tfbackend.engine.output_processor import OutputProcessor
@@ -27,7 +27,7 @@ from tfbackend.engine.request import Request, validate_request
 from tfbackend.engine.sampler import Sampler, reads_token_history
 from tfbackend.engine.scheduler import ScheduledBatch, Scheduler
 from tfbackend.engine.sequence import Sequence
-from tfbackend.kv_cache import KVCache, KVCacheSpec, num_blocks_for_budget
+from tfbackend.kv_cache import KVCache, KVCacheSpec
 from tfbackend.outputs import RequestOutput
 from tfbackend.hf_classes import load_hf_config
 from tfbackend.registry import load_model
@@ -73,25 +73,35 @@ class LLMEngine:
         self.forward = CompiledForward(self.model) if self.use_cuda_graphs else self.model
         self.sampler = Sampler(self.device, config.seed, self.eos_token_ids)
         spec = KVCacheSpec(tuple(self.model.attention_layers()), self.dtype, config.block_size)
-        full_batch_bytes = config.max_num_seqs * -(-self.max_model_len // spec.block_size) * spec.bytes_per_block
-        budget = kv_cache_budget(
-            config, self.device, self.use_cuda_graphs, lambda: self._profile_run(spec), full_batch_bytes
+        # A model that cannot resume a prefill needs a step budget that holds the longest prompt.
+        max_batched_tokens = config.max_num_batched_tokens
+        if not self.model.supports_chunked_prefill:
+            max_batched_tokens = max(max_batched_tokens, self.max_model_len)
+        plan = plan_cache(
+            config, spec, self.model.sequence_state(), self.max_model_len,
+            lambda full_batch_bytes: kv_cache_budget(
+                config, self.device, self.use_cuda_graphs, lambda: self._profile_run(spec, max_batched_tokens),
+                full_batch_bytes,
+            ),
         )
-        num_blocks = num_blocks_for_budget(spec, budget, self.max_model_len)
-        self.kv_cache = KVCache(spec, num_blocks, self.device)
+        self.kv_cache = KVCache(spec, plan.num_blocks, self.device)
         logger.info(
-            "KV cache: %d blocks of %d tokens = %d tokens (%.1f MiB)",
-            num_blocks, spec.block_size, num_blocks * spec.block_size, num_blocks * spec.bytes_per_block / 2**20,
+            "KV cache: %d blocks of %d tokens = %d tokens (%.1f MiB), at most %d sequences",
+            plan.num_blocks, spec.block_size, plan.num_blocks * spec.block_size,
+            self.kv_cache.storage.numel() * self.kv_cache.storage.element_size() / 2**20, plan.max_num_seqs,
         )
-        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        prefix_caching = config.enable_prefix_caching and self.model.supports_prefix_caching
+        self.block_manager = BlockManager(plan.num_blocks, config.block_size, prefix_caching)
+        self.scheduler = Scheduler(
+            self.block_manager, plan.max_num_seqs, max_batched_tokens, self.model.supports_chunked_prefill
+        )
         self.runner = ModelRunner(
             self.model, self.kv_cache, self.attention_backend, self.sampler, self.device, self.forward
         )
         self.run_ahead = self.device.type == "cuda"  # see step(); on a CPU nothing would overlap
         self._pending: PendingStep | None = None
         if self.use_cuda_graphs:
-            max_batch = min(config.max_num_seqs, config.max_num_batched_tokens)
+            max_batch = min(plan.max_num_seqs, max_batched_tokens)
             self.runner.capture_cuda_graphs(max_batch, self.max_model_len)
         self.output_processor = OutputProcessor(
             self.tokenizer, self.eos_token_ids, self.max_model_len, self.scheduler
@@ -197,20 +207,20 @@ class LLMEngine:
     # ---- sizing ---------------------------------------------------------------------------------------
 
     def _use_cuda_graphs(self) -> bool:
-        if self.device.type != "cuda" or self.config.enforce_eager:
+        if self.device.type != "cuda" or self.config.enforce_eager or not self.model.supports_cuda_graphs:
             return False
         if self.attention_backend.name not in GRAPH_SAFE_BACKENDS:
             logger.info("no CUDA graphs: the %s attention backend runs eagerly", self.attention_backend.name)
             return False
         return True
 
-    def _profile_run(self, spec: KVCacheSpec) -> None:
+    def _profile_run(self, spec: KVCacheSpec, max_batched_tokens: int) -> None:
         """Run the largest step with a one-block KV cache and a throwaway sampler (self.sampler's RNG stays)."""
         sampler = Sampler(self.device, self.config.seed, self.eos_token_ids)
         runner = ModelRunner(
             self.model, KVCache(spec, 1, self.device), self.attention_backend, sampler, self.device, self.forward
         )
-        runner.profile_run(self.config.max_num_batched_tokens, self.config.max_num_seqs, self.max_model_len)
+        runner.profile_run(max_batched_tokens, self.config.max_num_seqs, self.max_model_len)
 
 
 def _without_finished(batch: ScheduledBatch) -> ScheduledBatch:

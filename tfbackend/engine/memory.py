@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from tfbackend.config import EngineConfig
+from tfbackend.kv_cache import KVCacheSpec, num_blocks_for_budget
+from tfbackend.model_interface import SequenceStateSpec
 
 logger = logging.getLogger(__name__)
 
@@ -60,3 +63,37 @@ def profile_peak_memory(device: torch.device, run_largest_step: Callable[[], Non
     peak = torch.cuda.max_memory_allocated(device)
     torch.cuda.empty_cache()  # hand the activations' cached blocks back, for the KV cache's one allocation
     return peak
+
+
+@dataclass(frozen=True)
+class CachePlan:
+    num_blocks: int  # KV blocks of the paged cache (for a model without one: token bookkeeping only)
+    max_num_seqs: int  # sequences that may run at once
+
+
+def plan_cache(
+    config: EngineConfig,
+    spec: KVCacheSpec,
+    state: SequenceStateSpec | None,
+    max_model_len: int,
+    budget_for: Callable[[int], int],
+) -> CachePlan:
+    """Blocks and concurrent sequences for a memory budget (``budget_for(bytes a full batch would need)``).
+
+    A model with a paged cache gets as many blocks as the budget holds. A model that keeps its sequences'
+    state itself (``state``) gets as many sequences as fit if every one reached ``max_model_len`` (its rows are
+    padded to the longest), and blocks only to count their tokens.
+    """
+    blocks_per_seq = -(-max_model_len // spec.block_size)
+    if state is None:
+        budget = budget_for(config.max_num_seqs * blocks_per_seq * spec.bytes_per_block)
+        return CachePlan(num_blocks_for_budget(spec, budget, max_model_len), config.max_num_seqs)
+    per_sequence = state.sequence_bytes(max_model_len)
+    budget = budget_for(config.max_num_seqs * per_sequence)
+    max_num_seqs = min(config.max_num_seqs, budget // max(per_sequence, 1))
+    if max_num_seqs < 1:
+        raise ValueError(
+            f"one sequence of max_model_len={max_model_len} needs {per_sequence / 2**20:.1f} MiB of model state, "
+            f"more than the {budget / 2**20:.1f} MiB budget: raise the KV cache memory or lower max_model_len"
+        )
+    return CachePlan(max_num_seqs * blocks_per_seq, max_num_seqs)

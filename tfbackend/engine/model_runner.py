@@ -43,6 +43,7 @@ class StepInputs:
     sampled: np.ndarray  # [B] bool: the sequence's chunk reaches its end, so it samples a token
     logits_rows: np.ndarray  # [N] int64: the token row of each sampling sequence's last token
     max_query_len: int
+    seq_ids: list[int]  # the engine's id of each sequence
 
     @property
     def num_seqs(self) -> int:
@@ -125,6 +126,7 @@ def flatten_step(batch: ScheduledBatch, block_size: int) -> StepInputs:
         sampled=sampled,
         logits_rows=query_start_loc[1:][sampled] - 1,
         max_query_len=max_query_len,
+        seq_ids=[seq.seq_id for seq in seqs],
     )
 
 
@@ -173,6 +175,7 @@ class ModelRunner:
             max_seq_len=int(step.seq_lens.max()),
             query_start_loc_host=step.query_start_loc.tolist(),
             seq_lens_host=step.seq_lens.tolist(),
+            seq_ids_host=step.seq_ids,
         )
         return to_device(step.input_ids, self.device), to_device(step.positions, self.device), metadata
 

@@ -32,10 +32,19 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        chunked_prefill: bool = True,
+    ):
+        """``chunked_prefill=False``: a prompt is admitted only when all of it fits the step's budget (for
+        models that cannot resume a prefill; the budget must then hold the longest prompt)."""
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.chunked_prefill = chunked_prefill
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in arrival order
         self.num_preemptions = 0
@@ -70,6 +79,8 @@ class Scheduler:
         # Admitting new work while others were just preempted for lack of blocks would thrash.
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not batch.num_preempted:
             seq = self.waiting[0]
+            if not self.chunked_prefill and seq.num_tokens > budget:
+                break
             if not seq.block_table:
                 bm.match_prefix(seq)
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)

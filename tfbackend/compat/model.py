@@ -1,0 +1,279 @@
+"""The compat tier: any HF causal LM that ``generate`` can run, continuously batched.
+
+For models the paged-KV fallback cannot serve (attention outside the attention interface, recurrent or
+convolution state, custom caches), the HF model runs with its own attention and its own cache objects, driven
+the way HF ``generate`` drives it: the model's ``prepare_inputs_for_generation`` builds each call's inputs and its
+``_update_model_kwargs_for_generation`` carries the state to the next step. What ``generate`` cannot do, this
+tier adds: the running batch changes every step. Sequences that finished leave (their rows are dropped from
+every state tensor), new ones prefill on their own and then join (their state is appended, left-padded to the
+batch's timeline, with the attention mask hiding the padding), and padding no row needs any more is trimmed
+(``state.StateLayout``).
+
+Each engine step therefore runs one decode forward for all running sequences and one prefill forward per group
+of new prompts of equal length (equal lengths need no padding, so a prompt's first token is computed exactly as
+``generate`` computes it). Prompts are never split over steps and blocks are never shared, so the engine turns
+chunked prefill and prefix caching off for this tier; CUDA graphs are off too.
+
+The engine's contract asks for hidden states and computes logits from the rows that sample. This tier gets
+logits from HF's own forward (its head, scaling and softcapping included), so ``forward`` returns, for each token,
+the row of this step's logits that belongs to it (``-1`` for tokens that do not end their sequence's chunk), and
+``compute_logits`` looks those rows up.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from tfbackend.attention import get_forward_context
+from tfbackend.compat.state import StateLayout
+from tfbackend.hf_classes import causal_lm_class
+from tfbackend.model_interface import AttentionLayerSpec, CausalLM, SequenceStateSpec, UnsupportedModelError
+
+logger = logging.getLogger(__name__)
+
+# Prompt lengths of the load-time comparison that tells which state dimensions grow with the sequence.
+LAYOUT_PROBE_LENGTHS = (2, 3)
+
+
+@dataclass
+class RunningBatch:
+    """The sequences decoding together: their rows, in order, and HF's generation state for all of them."""
+
+    seq_ids: list[int]
+    lengths: list[int]  # tokens of each row in the state (the timeline is the longest)
+    state: dict[str, Any]  # {"input_ids": [B, S], "kwargs": HF's model kwargs: cache, attention_mask, ...}
+
+    @property
+    def size(self) -> int:
+        return len(self.seq_ids)
+
+    @property
+    def timeline(self) -> int:
+        return self.state["input_ids"].shape[1]
+
+
+class CompatCausalLM(CausalLM):
+    """Wraps an HF causal LM, with its own attention and caches, behind the engine's model contract."""
+
+    supports_chunked_prefill = False
+    supports_prefix_caching = False
+    supports_cuda_graphs = False
+
+    def __init__(self, hf_model: torch.nn.Module):
+        super().__init__()
+        self.hf_model = hf_model
+        self.config = hf_model.config
+        parameters = set(inspect.signature(hf_model.forward).parameters)
+        self.accepts_attention_mask = "attention_mask" in parameters
+        self.accepts_position_ids = "position_ids" in parameters
+        self.keeps_one_logit = hf_model._supports_logits_to_keep()
+        # Sequences decoding together, one group per batched forward: a single group, or one per sequence for a
+        # model whose batched forward is not row-independent (see _check_batching).
+        self.groups: list[RunningBatch] = []
+        self.batched = True
+        self.layout: StateLayout | None = None
+        self._step_logits: torch.Tensor | None = None
+
+    @classmethod
+    def supports(cls, hf_config) -> str | None:
+        hf_class = causal_lm_class(hf_config)
+        if hf_class is None:
+            return f"transformers has no causal-LM class for model type {hf_config.model_type!r}"
+        if not hasattr(hf_class, "prepare_inputs_for_generation"):
+            return f"{hf_class.__name__} cannot generate"
+        return None
+
+    @classmethod
+    def load(cls, model_dir: str | Path, hf_config, dtype: torch.dtype, device: torch.device) -> CompatCausalLM:
+        hf_class = causal_lm_class(hf_config)
+        hf_model = hf_class.from_pretrained(model_dir, config=hf_config, dtype=dtype, device_map=str(device))
+        hf_model.eval().requires_grad_(False)
+        model = cls(hf_model)
+        with torch.inference_mode():
+            model.layout = model._learn_layout()
+            model.batched = model._check_batching()
+        if not model.accepts_attention_mask and any(model.layout.growing_dims.values()):
+            raise UnsupportedModelError(
+                f"{hf_class.__name__} keeps per-token state but takes no attention mask, so sequences of different "
+                f"lengths cannot share a batch"
+            )
+        return model
+
+    def attention_layers(self) -> list[AttentionLayerSpec]:
+        return []  # the HF model keeps its own caches
+
+    def sequence_state(self) -> SequenceStateSpec:
+        return SequenceStateSpec(self.layout.fixed_bytes, self.layout.bytes_per_token)
+
+    # ---- a step -------------------------------------------------------------------------------------------
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Advance every sequence of the step; return, per token, its row of this step's logits (or -1)."""
+        metadata = get_forward_context().metadata
+        starts, seq_lens, seq_ids = metadata.query_start_loc_host, metadata.seq_lens_host, metadata.seq_ids_host
+        if seq_ids is None:
+            raise RuntimeError("the compat tier needs the step's sequence ids in its metadata")
+        chunks = {seq_id: (starts[b], starts[b + 1], seq_lens[b]) for b, seq_id in enumerate(seq_ids)}
+        decoding = {s for s, (start, end, seq_len) in chunks.items() if end - start < seq_len}
+        for seq_id, (start, end, seq_len) in chunks.items():
+            if seq_id in decoding and end - start != 1:
+                raise RuntimeError("the compat tier feeds a running sequence one token per step")
+        self._keep_rows(decoding)
+        running = {s: n for group in self.groups for s, n in zip(group.seq_ids, group.lengths)}
+        if decoding != running.keys():
+            raise RuntimeError(f"sequences {sorted(decoding - running.keys())} continue without state in the compat tier")
+        for seq_id, length in running.items():
+            if chunks[seq_id][2] != length + 1:
+                raise RuntimeError(f"sequence {seq_id} is out of step with its cached state")
+        logits_parts, row_of_seq = [], {}
+        for group in self.groups:
+            offset = sum(part.shape[0] for part in logits_parts)
+            token_rows = torch.tensor([chunks[s][0] for s in group.seq_ids], device=input_ids.device)
+            logits_parts.append(self._decode(group, input_ids[token_rows][:, None]))
+            row_of_seq.update({s: offset + i for i, s in enumerate(group.seq_ids)})
+        by_length: dict[int, list[int]] = defaultdict(list)
+        for seq_id, (start, end, seq_len) in chunks.items():
+            if seq_id not in decoding:
+                by_length[end - start].append(seq_id)
+        prefill_groups = list(by_length.values())
+        if not self.batched:
+            prefill_groups = [[seq_id] for group in prefill_groups for seq_id in group]
+        for new_seqs in prefill_groups:
+            offset = sum(part.shape[0] for part in logits_parts)
+            prompts = torch.stack([input_ids[chunks[s][0] : chunks[s][1]] for s in new_seqs])
+            logits, batch = self._prefill(new_seqs, prompts)
+            logits_parts.append(logits)
+            row_of_seq.update({s: offset + i for i, s in enumerate(new_seqs)})
+            self._join(batch)
+        self._step_logits = torch.cat(logits_parts) if logits_parts else None
+        handles = [-1.0] * input_ids.shape[0]
+        for seq_id, (_, end, _) in chunks.items():
+            handles[end - 1] = float(row_of_seq[seq_id])
+        return torch.tensor(handles, device=input_ids.device)[:, None]
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self._step_logits[hidden[:, 0].long()]
+
+    # ---- HF generation, one batch ---------------------------------------------------------------------------
+
+    def _fresh_kwargs(self, input_ids: torch.Tensor) -> dict[str, Any]:
+        """The model kwargs ``generate`` starts a batch of unpadded prompts with."""
+        kwargs: dict[str, Any] = {"use_cache": True}
+        if self.accepts_position_ids:
+            kwargs["position_ids"] = torch.arange(input_ids.shape[1], device=input_ids.device).repeat(len(input_ids), 1)
+        if self.keeps_one_logit:
+            kwargs["logits_to_keep"] = 1
+        if self.hf_model._supports_default_dynamic_cache():
+            kwargs["cache"] = DynamicCache(config=self.config.get_text_config(decoder=True))
+        return kwargs
+
+    def _run(self, input_ids: torch.Tensor, kwargs: dict[str, Any], padded: bool, first: bool):
+        """One forward as ``generate`` makes it; returns the last position's logits and the updated kwargs.
+
+        ``kwargs`` carries an attention mask always (rows may join others later); like ``generate``, the call
+        gets it only when some row is padded."""
+        call_kwargs = dict(kwargs)
+        if not padded:
+            call_kwargs.pop("attention_mask", None)
+        if first:
+            inputs = self.hf_model.prepare_inputs_for_generation(input_ids, is_first_iteration=True, **call_kwargs)
+        else:
+            inputs = self.hf_model.prepare_inputs_for_generation(input_ids, next_sequence_length=1, **call_kwargs)
+        outputs = self.hf_model(**inputs, return_dict=True)
+        kwargs = self.hf_model._update_model_kwargs_for_generation(outputs, kwargs, is_encoder_decoder=False)
+        return outputs.logits[:, -1].float(), kwargs
+
+    def _prefill(self, seq_ids: list[int], prompts: torch.Tensor) -> tuple[torch.Tensor, RunningBatch]:
+        kwargs = self._fresh_kwargs(prompts)
+        if self.accepts_attention_mask:
+            kwargs["attention_mask"] = torch.ones_like(prompts)
+        logits, kwargs = self._run(prompts, kwargs, padded=False, first=True)
+        batch = RunningBatch(list(seq_ids), [prompts.shape[1]] * len(seq_ids), {"input_ids": prompts, "kwargs": kwargs})
+        return logits, batch
+
+    def _decode(self, batch: RunningBatch, tokens: torch.Tensor) -> torch.Tensor:
+        batch.state["input_ids"] = torch.cat([batch.state["input_ids"], tokens.to(batch.state["input_ids"].dtype)], 1)
+        batch.lengths = [n + 1 for n in batch.lengths]
+        padded = min(batch.lengths) < batch.timeline
+        logits, batch.state["kwargs"] = self._run(batch.state["input_ids"], batch.state["kwargs"], padded, first=False)
+        return logits
+
+    # ---- the running batch changes --------------------------------------------------------------------------
+
+    def _keep_rows(self, seq_ids: set[int]) -> None:
+        """Drop the rows of sequences not decoding in this step (finished, aborted, preempted, restarting)."""
+        kept = []
+        for batch in self.groups:
+            keep = [i for i, s in enumerate(batch.seq_ids) if s in seq_ids]
+            if not keep:
+                continue
+            if len(keep) < batch.size:
+                rows = torch.tensor(keep, device=batch.state["input_ids"].device)
+                batch.state = self.layout.select_rows(batch.state, rows, batch.size)
+                batch.seq_ids = [batch.seq_ids[i] for i in keep]
+                batch.lengths = [batch.lengths[i] for i in keep]
+            unused = batch.timeline - max(batch.lengths)
+            if unused > 0:  # leading columns that are padding in every row
+                batch.state = self.layout.trim(batch.state, batch.timeline, unused, batch.size)
+            kept.append(batch)
+        self.groups = kept
+
+    def _join(self, new: RunningBatch) -> None:
+        if not self.batched or not self.groups:
+            self.groups.append(new)
+            return
+        batch = self.groups[0]
+        batch.state = self.layout.concat_rows(batch.state, new.state, batch.size)
+        batch.seq_ids += new.seq_ids
+        batch.lengths += new.lengths
+
+    def _check_batching(self) -> bool:
+        """Whether rows decode in one batch exactly as they decode alone (false for a model whose batched forward
+        mixes rows, e.g. HF's RWKV state update); if not, each sequence runs in a forward of its own."""
+        device = self.hf_model.device
+        prompts = [_probe_prompt(self.config, length, device) for length in LAYOUT_PROBE_LENGTHS]
+        alone = []
+        for seq_id, prompt in enumerate(prompts):
+            _, batch = self._prefill([seq_id], prompt)
+            alone.append(self._decode(batch, prompt[:, :1]))
+            _, batch = self._prefill([seq_id], prompt)
+            self._join(batch)
+        joined = self._decode(self.groups[0], torch.cat([p[:, :1] for p in prompts]))
+        self.groups = []
+        alone = torch.cat(alone)
+        error = ((joined - alone).norm() / alone.norm().clamp_min(1e-12)).item()
+        tolerance = 1e-4 if self.hf_model.dtype == torch.float32 else 3e-2
+        if error <= tolerance:
+            return True
+        logger.warning(
+            "%s: a batched decode differs from decoding each sequence alone (relative error %.1e); running each "
+            "sequence in a forward of its own", type(self.hf_model).__name__, error,
+        )
+        return False
+
+    def _learn_layout(self) -> StateLayout:
+        """Prefill two prompts of different lengths and compare their states (see ``StateLayout.learn``)."""
+        states = []
+        for length in LAYOUT_PROBE_LENGTHS:
+            _, batch = self._prefill([0], _probe_prompt(self.config, length, self.hf_model.device))
+            states.append(batch.state)
+        short, long = LAYOUT_PROBE_LENGTHS
+        try:
+            return StateLayout.learn(states[0], states[1], short, long)
+        except ValueError as error:
+            raise UnsupportedModelError(f"{type(self.hf_model).__name__}: {error}") from error
+
+
+def _probe_prompt(config, length: int, device: torch.device) -> torch.Tensor:
+    """Token ids from the lower half of the vocabulary (special tokens tend to sit at the top)."""
+    vocab = config.get_text_config().vocab_size
+    prompt = torch.randint(1, max(2, vocab // 2), (1, length), generator=torch.Generator().manual_seed(length))
+    return prompt.to(device)

@@ -1,0 +1,180 @@
+"""Row surgery on Hugging Face generation state, for any cache class.
+
+HF ``generate`` keeps a batch's state as its token ids and a dict of model keyword arguments (attention mask,
+position ids, the cache object: ``DynamicCache`` with attention, sliding-window, linear-attention or conv layers,
+a model's own cache class, a list of recurrent states...). Continuous batching needs three operations on that
+state that HF has no API for: drop rows (sequences that finished), append rows (sequences that just prefilled)
+and trim leading padding. All three are done here generically, on every tensor of the state whose first
+dimension is the batch, whatever object holds it.
+
+Rows are aligned on the right, as in HF's left-padded batches: the last column of every growing tensor is the
+newest token of every row. Which dimension of a tensor grows with the sequence (the keys' sequence axis; none for
+a convolution or SSM state), and which integer counters count the timeline (a sliding-window layer's
+``cumulative_length``), is learnt once by ``StateLayout.learn`` from the states of two prompts of different lengths.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import PretrainedConfig
+
+Path = tuple  # keys, attribute names and indices from the state's root to a value
+_LEAF_TYPES = (str, bytes, bool, type(None), float, torch.dtype, torch.device)
+
+
+def _children(obj: Any) -> Iterator[tuple[Any, Any]]:
+    """(key, child) pairs of a container or of an object's attributes; nothing for leaves and opaque objects."""
+    if isinstance(obj, dict):
+        yield from obj.items()
+    elif isinstance(obj, (list, tuple)):
+        yield from enumerate(obj)
+    elif isinstance(obj, (torch.Tensor, nn.Module, PretrainedConfig, type, int, *_LEAF_TYPES)) or callable(obj):
+        return
+    elif hasattr(obj, "__dict__"):
+        yield from vars(obj).items()
+
+
+def walk(obj: Any, path: Path = (), seen: set[int] | None = None) -> Iterator[tuple[Path, Any]]:
+    """Every tensor and int inside ``obj`` with its path (each object visited once)."""
+    seen = set() if seen is None else seen
+    if isinstance(obj, (torch.Tensor, int)) and not isinstance(obj, bool):
+        yield path, obj
+        return
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
+    for key, child in _children(obj):
+        yield from walk(child, (*path, key), seen)
+
+
+def rebuild(obj: Any, fn: Callable[[Path, Any], Any], path: Path = (), done: dict[int, Any] | None = None) -> Any:
+    """``obj`` with every tensor and int ``v`` at path ``p`` replaced by ``fn(p, v)``; containers are rebuilt,
+    objects updated in place (so a cache object keeps its identity and class)."""
+    done = {} if done is None else done
+    if isinstance(obj, (torch.Tensor, int)) and not isinstance(obj, bool):
+        return fn(path, obj)
+    if id(obj) in done:
+        return done[id(obj)]
+    if isinstance(obj, dict):
+        result = type(obj)((k, rebuild(v, fn, (*path, k), done)) for k, v in obj.items())
+    elif isinstance(obj, list):
+        result = [rebuild(v, fn, (*path, i), done) for i, v in enumerate(obj)]
+    elif isinstance(obj, tuple):
+        items = [rebuild(v, fn, (*path, i), done) for i, v in enumerate(obj)]
+        result = type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
+    elif any(True for _ in _children(obj)) and not isinstance(obj, tuple):
+        done[id(obj)] = obj
+        for key, child in list(vars(obj).items()):
+            setattr(obj, key, rebuild(child, fn, (*path, key), done))
+        return obj
+    else:
+        result = obj
+    done[id(obj)] = result
+    return result
+
+
+def per_row(value: Any, batch_size: int) -> bool:
+    """Tensors with the batch as their first dimension: every per-sequence state HF keeps is at least 2-D."""
+    return isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[0] == batch_size
+
+
+@dataclass(frozen=True)
+class StateLayout:
+    """Which dimension of each per-row tensor grows with the sequence, and which ints count the timeline."""
+
+    growing_dims: dict[Path, tuple[int, ...]]
+    counters: frozenset[Path]
+    fixed_bytes: int  # per sequence, whatever its length (recurrent and conv states)
+    bytes_per_token: int
+
+    @classmethod
+    def learn(cls, short: Any, long: Any, short_len: int, long_len: int) -> StateLayout:
+        """Compare the states of one sequence (batch of 1) of ``short_len`` and of ``long_len`` tokens."""
+        short_leaves, long_leaves = dict(walk(short)), dict(walk(long))
+        if short_leaves.keys() != long_leaves.keys():
+            raise ValueError("the generation state has a different structure for prompts of different lengths")
+        growing, counters = {}, set()
+        short_bytes = long_bytes = 0
+        for path, a in short_leaves.items():
+            b = long_leaves[path]
+            if isinstance(a, int):
+                if b - a == long_len - short_len and a != b:
+                    counters.add(path)
+                continue
+            if not per_row(a, 1):
+                continue
+            if a.dim() != b.dim():
+                raise ValueError(f"state tensor {path} changes rank with the sequence length")
+            growing[path] = tuple(d for d in range(1, a.dim()) if a.shape[d] != b.shape[d])
+            short_bytes += a.numel() * a.element_size()
+            long_bytes += b.numel() * b.element_size()
+        per_token = max(0, (long_bytes - short_bytes) // (long_len - short_len))
+        return cls(growing, frozenset(counters), max(0, short_bytes - per_token * short_len), per_token)
+
+    def sequence_bytes(self, num_tokens: int) -> int:
+        return self.fixed_bytes + self.bytes_per_token * num_tokens
+
+    def select_rows(self, state: Any, rows: torch.Tensor, batch_size: int) -> Any:
+        """Keep only ``rows`` (indices into the batch) of every per-row tensor."""
+        return rebuild(state, lambda path, v: v.index_select(0, rows.to(v.device)) if self._is_row(path, v, batch_size) else v)
+
+    def concat_rows(self, first: Any, second: Any, first_size: int) -> Any:
+        """The rows of ``first`` (``first_size`` of them) then those of ``second``, growing dimensions left-padded
+        with zeros to the longer one (padding is masked out). Counters take the larger value (the longer
+        timeline)."""
+        second_leaves = dict(walk(second))
+        first_leaves = dict(walk(first))
+        if first_leaves.keys() != second_leaves.keys():
+            raise ValueError("cannot join sequences whose generation states differ in structure")
+
+        def join(path: Path, a: Any) -> Any:
+            b = second_leaves[path]
+            if isinstance(a, int):
+                if path in self.counters:
+                    return max(a, b)
+                if a != b:
+                    raise ValueError(f"cannot join sequences whose generation states disagree at {path}: {a} vs {b}")
+                return a
+            if not self._is_row(path, a, first_size):
+                return a
+            for dim in self.growing_dims.get(path, ()):
+                length = max(a.shape[dim], b.shape[dim])
+                a, b = _left_pad(a, dim, length), _left_pad(b, dim, length)
+            return torch.cat([a, b.to(a.device)], dim=0)
+
+        return rebuild(first, join)
+
+    def trim(self, state: Any, timeline: int, drop: int, batch_size: int) -> Any:
+        """Drop the first ``drop`` of ``timeline`` columns (padding in every row) from every growing tensor;
+        a tensor holding only the last n columns (a sliding window) loses only those of them that fall there."""
+
+        def cut(path: Path, v: Any) -> Any:
+            if isinstance(v, int):
+                return v - drop if path in self.counters else v
+            if not self._is_row(path, v, batch_size):
+                return v
+            for dim in self.growing_dims.get(path, ()):
+                n = v.shape[dim]
+                v = v.narrow(dim, max(0, drop - (timeline - n)), n - max(0, drop - (timeline - n)))
+            return v
+
+        return rebuild(state, cut)
+
+    def _is_row(self, path: Path, value: Any, batch_size: int) -> bool:
+        return path in self.growing_dims and per_row(value, batch_size)
+
+
+def _left_pad(tensor: torch.Tensor, dim: int, length: int) -> torch.Tensor:
+    missing = length - tensor.shape[dim]
+    if missing <= 0:
+        return tensor
+    padding = [0, 0] * (tensor.dim() - 1 - dim) + [missing, 0]
+    if tensor.dtype == torch.bool:
+        return F.pad(tensor.to(torch.uint8), padding).bool()
+    return F.pad(tensor, padding)
