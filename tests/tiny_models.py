@@ -76,9 +76,21 @@ def random_prompts(lengths: list[int], seed: int = 1) -> list[list[int]]:
     return [torch.randint(3, VOCAB, (n,), generator=generator).tolist() for n in lengths]
 
 
+# Generation-config fields that make HF generate bend greedy decoding (forced EOS at the length limit,
+# suppressed or banned tokens, n-gram blocking...): task presets of some checkpoints, not the model's computation.
+# The reference for parity turns them off; tfbackend applies sampling parameters only from the request.
+GREEDY_BENDING_FIELDS = (
+    "forced_bos_token_id", "forced_eos_token_id", "suppress_tokens", "begin_suppress_tokens", "no_repeat_ngram_size",
+    "bad_words_ids", "min_length", "min_new_tokens", "repetition_penalty", "sequence_bias",
+    "exponential_decay_length_penalty",
+)
+
+
 @torch.no_grad()
 def hf_greedy(model, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
     """HF generate, one prompt at a time (no padding), stopping at EOS: the ground truth for greedy parity."""
+    for field in GREEDY_BENDING_FIELDS:
+        setattr(model.generation_config, field, None)
     outputs = []
     for prompt in prompts:
         ids = torch.tensor([prompt])

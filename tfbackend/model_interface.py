@@ -105,6 +105,9 @@ class CausalLM(nn.Module, ABC):
         The engine allocates the cache from this list alone. An empty list means the model keeps no paged KV.
         """
 
+    def release_sequences(self, seq_ids: list[int]) -> None:
+        """These sequences have ended (finished or aborted): free whatever the model keeps for them."""
+
     def sequence_state(self) -> SequenceStateSpec | None:
         """Per-sequence memory kept outside the paged KV cache, which bounds how many sequences run at once;
         None when everything lives in the paged cache."""

@@ -33,14 +33,14 @@ import torch
 from transformers import DynamicCache
 
 from tfbackend.attention import get_forward_context
-from tfbackend.compat.state import StateLayout
+from tfbackend.compat.state import StateLayout, tensor_bytes
 from tfbackend.hf_classes import causal_lm_class
-from tfbackend.model_interface import AttentionLayerSpec, CausalLM, SequenceStateSpec, UnsupportedModelError
+from tfbackend.model_interface import AttentionLayerSpec, CausalLM, SequenceStateSpec
 
 logger = logging.getLogger(__name__)
 
 # Prompt lengths of the load-time comparison that tells which state dimensions grow with the sequence.
-LAYOUT_PROBE_LENGTHS = (2, 3)
+LAYOUT_PROBE_LENGTHS = (3, 11)
 
 
 @dataclass
@@ -79,7 +79,8 @@ class CompatCausalLM(CausalLM):
         # model whose batched forward is not row-independent (see _check_batching).
         self.groups: list[RunningBatch] = []
         self.batched = True
-        self.layout: StateLayout | None = None
+        self.layout: StateLayout | None = None  # None: the state cannot be joined, each sequence runs alone
+        self.state_spec: SequenceStateSpec | None = None
         self._step_logits: torch.Tensor | None = None
 
     @classmethod
@@ -98,20 +99,23 @@ class CompatCausalLM(CausalLM):
         hf_model.eval().requires_grad_(False)
         model = cls(hf_model)
         with torch.inference_mode():
-            model.layout = model._learn_layout()
-            model.batched = model._check_batching()
-        if not model.accepts_attention_mask and any(model.layout.growing_dims.values()):
-            raise UnsupportedModelError(
-                f"{hf_class.__name__} keeps per-token state but takes no attention mask, so sequences of different "
-                f"lengths cannot share a batch"
-            )
+            model._learn_layout()
+            if model.layout is not None and not model.accepts_attention_mask and any(model.layout.growing_dims.values()):
+                logger.warning("%s keeps per-token state but takes no attention mask: each sequence runs alone",
+                               hf_class.__name__)
+                model.layout = None
+            model.batched = model.layout is not None and model._check_batching()
         return model
 
     def attention_layers(self) -> list[AttentionLayerSpec]:
         return []  # the HF model keeps its own caches
 
+    def release_sequences(self, seq_ids: list[int]) -> None:
+        ended = set(seq_ids)
+        self._keep_rows({s for group in self.groups for s in group.seq_ids if s not in ended})
+
     def sequence_state(self) -> SequenceStateSpec:
-        return SequenceStateSpec(self.layout.fixed_bytes, self.layout.bytes_per_token)
+        return self.state_spec
 
     # ---- a step -------------------------------------------------------------------------------------------
 
@@ -227,11 +231,18 @@ class CompatCausalLM(CausalLM):
         self.groups = kept
 
     def _join(self, new: RunningBatch) -> None:
+        """Add newly prefilled rows to the running batch; rows whose state cannot be joined (a shape the
+        layout probe did not show) decode in a group of their own instead."""
         if not self.batched or not self.groups:
             self.groups.append(new)
             return
         batch = self.groups[0]
-        batch.state = self.layout.concat_rows(batch.state, new.state, batch.size)
+        try:
+            batch.state = self.layout.concat_rows(batch.state, new.state, batch.size)
+        except ValueError as error:
+            logger.warning("%s: sequences decode in separate groups: %s", type(self.hf_model).__name__, error)
+            self.groups.append(new)
+            return
         batch.seq_ids += new.seq_ids
         batch.lengths += new.lengths
 
@@ -259,18 +270,23 @@ class CompatCausalLM(CausalLM):
         )
         return False
 
-    def _learn_layout(self) -> StateLayout:
-        """Prefill two prompts of different lengths and compare their states (see ``StateLayout.learn``)."""
+    def _learn_layout(self) -> None:
+        """Prefill two prompts of different lengths and compare their states (``StateLayout.learn``), which also
+        gives the memory a sequence needs. A state whose structure changes with the length cannot be joined
+        row-wise: each sequence then decodes alone, and its memory is estimated from the longer prompt."""
         states = []
         for length in LAYOUT_PROBE_LENGTHS:
             _, batch = self._prefill([0], _probe_prompt(self.config, length, self.hf_model.device))
             states.append(batch.state)
         short, long = LAYOUT_PROBE_LENGTHS
         try:
-            return StateLayout.learn(states[0], states[1], short, long)
+            self.layout = StateLayout.learn(states[0], states[1], short, long)
         except ValueError as error:
-            raise UnsupportedModelError(f"{type(self.hf_model).__name__}: {error}") from error
-
+            logger.warning("%s: each sequence runs alone (%s)", type(self.hf_model).__name__, error)
+            self.layout = None
+            self.state_spec = SequenceStateSpec(0, -(-tensor_bytes(states[1]) // long))
+            return
+        self.state_spec = SequenceStateSpec(self.layout.fixed_bytes, self.layout.bytes_per_token)
 
 def _probe_prompt(config, length: int, device: torch.device) -> torch.Tensor:
     """Token ids from the lower half of the vocabulary (special tokens tend to sit at the top)."""

@@ -79,6 +79,10 @@ def rebuild(obj: Any, fn: Callable[[Path, Any], Any], path: Path = (), done: dic
     return result
 
 
+def tensor_bytes(state: Any) -> int:
+    return sum(v.numel() * v.element_size() for _, v in walk(state) if isinstance(v, torch.Tensor))
+
+
 def per_row(value: Any, batch_size: int) -> bool:
     """Tensors with the batch as their first dimension: every per-sequence state HF keeps is at least 2-D."""
     return isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[0] == batch_size
@@ -89,6 +93,9 @@ class StateLayout:
     """Which dimension of each per-row tensor grows with the sequence, and which ints count the timeline."""
 
     growing_dims: dict[Path, tuple[int, ...]]
+    # How many columns past the newest token each growing dimension reaches: 1 for an attention mask that
+    # already covers the token about to be generated, 0 for keys and values.
+    lead: dict[tuple[Path, int], int]
     counters: frozenset[Path]
     fixed_bytes: int  # per sequence, whatever its length (recurrent and conv states)
     bytes_per_token: int
@@ -99,7 +106,7 @@ class StateLayout:
         short_leaves, long_leaves = dict(walk(short)), dict(walk(long))
         if short_leaves.keys() != long_leaves.keys():
             raise ValueError("the generation state has a different structure for prompts of different lengths")
-        growing, counters = {}, set()
+        growing, lead, counters = {}, {}, set()
         short_bytes = long_bytes = 0
         for path, a in short_leaves.items():
             b = long_leaves[path]
@@ -112,10 +119,11 @@ class StateLayout:
             if a.dim() != b.dim():
                 raise ValueError(f"state tensor {path} changes rank with the sequence length")
             growing[path] = tuple(d for d in range(1, a.dim()) if a.shape[d] != b.shape[d])
+            lead.update({(path, d): a.shape[d] - short_len for d in growing[path]})
             short_bytes += a.numel() * a.element_size()
             long_bytes += b.numel() * b.element_size()
         per_token = max(0, (long_bytes - short_bytes) // (long_len - short_len))
-        return cls(growing, frozenset(counters), max(0, short_bytes - per_token * short_len), per_token)
+        return cls(growing, lead, frozenset(counters), max(0, short_bytes - per_token * short_len), per_token)
 
     def sequence_bytes(self, num_tokens: int) -> int:
         return self.fixed_bytes + self.bytes_per_token * num_tokens
@@ -128,19 +136,13 @@ class StateLayout:
         """The rows of ``first`` (``first_size`` of them) then those of ``second``, growing dimensions left-padded
         with zeros to the longer one (padding is masked out). Counters take the larger value (the longer
         timeline)."""
-        second_leaves = dict(walk(second))
-        first_leaves = dict(walk(first))
-        if first_leaves.keys() != second_leaves.keys():
-            raise ValueError("cannot join sequences whose generation states differ in structure")
+        first_leaves, second_leaves = dict(walk(first)), dict(walk(second))
+        self._check_joinable(first_leaves, second_leaves, first_size)
 
         def join(path: Path, a: Any) -> Any:
             b = second_leaves[path]
             if isinstance(a, int):
-                if path in self.counters:
-                    return max(a, b)
-                if a != b:
-                    raise ValueError(f"cannot join sequences whose generation states disagree at {path}: {a} vs {b}")
-                return a
+                return max(a, b) if path in self.counters else a
             if not self._is_row(path, a, first_size):
                 return a
             for dim in self.growing_dims.get(path, ()):
@@ -150,9 +152,26 @@ class StateLayout:
 
         return rebuild(first, join)
 
+    def _check_joinable(self, first: dict[Path, Any], second: dict[Path, Any], first_size: int) -> None:
+        """Raise ValueError, before anything is modified, if the two states cannot be joined row-wise."""
+        if first.keys() != second.keys():
+            raise ValueError("the generation states differ in structure")
+        for path, a in first.items():
+            b = second[path]
+            if isinstance(a, int) or isinstance(b, int):
+                if path not in self.counters and a != b:
+                    raise ValueError(f"the generation states disagree at {path}: {a} vs {b}")
+            elif self._is_row(path, a, first_size):
+                growing = self.growing_dims[path]
+                if a.dim() != b.dim() or any(
+                    a.shape[d] != b.shape[d] for d in range(1, a.dim()) if d not in growing
+                ):
+                    raise ValueError(f"state tensor {path} has shapes {tuple(a.shape)} and {tuple(b.shape)}")
+
     def trim(self, state: Any, timeline: int, drop: int, batch_size: int) -> Any:
-        """Drop the first ``drop`` of ``timeline`` columns (padding in every row) from every growing tensor;
-        a tensor holding only the last n columns (a sliding window) loses only those of them that fall there."""
+        """Drop the first ``drop`` of ``timeline`` columns (padding in every row) from every growing tensor. A
+        tensor of n columns ends ``lead`` columns past the timeline; one that holds only its last columns (a
+        sliding window) loses only those of the dropped columns it holds."""
 
         def cut(path: Path, v: Any) -> Any:
             if isinstance(v, int):
@@ -161,7 +180,9 @@ class StateLayout:
                 return v
             for dim in self.growing_dims.get(path, ()):
                 n = v.shape[dim]
-                v = v.narrow(dim, max(0, drop - (timeline - n)), n - max(0, drop - (timeline - n)))
+                first_column = timeline + self.lead[path, dim] - n
+                removed = min(n, max(0, drop - first_column))
+                v = v.narrow(dim, removed, n - removed)
             return v
 
         return rebuild(state, cut)

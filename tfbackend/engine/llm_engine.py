@@ -149,6 +149,7 @@ class LLMEngine:
             if not seq.is_finished:
                 self.scheduler.finish(seq)
                 seq.finish_reason = "abort"
+        self.model.release_sequences([seq.seq_id for seq in request.seqs])
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -186,6 +187,9 @@ class LLMEngine:
                     seq.token_ids.append(placeholder(row))
         elif pending is not None:
             outputs += self._process(pending)
+        if self.output_processor.ended_seq_ids:
+            self.model.release_sequences(self.output_processor.ended_seq_ids)
+            self.output_processor.ended_seq_ids = []
         return outputs
 
     def _process(self, pending: PendingStep) -> list[RequestOutput]:

@@ -25,6 +25,7 @@ class OutputProcessor:
         self.eos_token_ids = eos_token_ids
         self.max_model_len = max_model_len
         self.scheduler = scheduler
+        self.ended_seq_ids: list[int] = []  # finished since the engine last collected them
 
     def start(self, seq: Sequence) -> None:
         """Prepare a new sequence's detokenizer state."""
@@ -83,6 +84,7 @@ class OutputProcessor:
     def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None) -> None:
         seq.finish_reason, seq.stop_reason = reason, stop_reason
         self.scheduler.finish(seq)
+        self.ended_seq_ids.append(seq.seq_id)
         if self.detokenizer is not None and not isinstance(stop_reason, str):
             self.detokenizer.decode_new_tokens(seq, final=True)  # the text not yet decoded, with its context
 
