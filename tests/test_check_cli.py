@@ -52,3 +52,14 @@ def test_check_rejects_a_bad_impl_pair(llama_dir: Path, capsys: pytest.CaptureFi
         main(["check", str(llama_dir), "--model-impl", "native"])
     assert error.value.code == 2
     assert "expected two of" in capsys.readouterr().err
+
+
+def test_check_compares_the_compat_tier_with_the_fallback(tmp_path, capsys):
+    """The compat tier (HF's own attention and caches) agrees with the paged fallback on the same weights."""
+    from tests.tiny_models import make_checkpoint
+    from tfbackend.entrypoints.cli import main
+
+    make_checkpoint("llama", tmp_path)
+    assert main(["check", str(tmp_path), "--model-impl", "compat,transformers", "--max-tokens", "6"]) == 0
+    out = capsys.readouterr().out
+    assert "compat: tfbackend.compat.model.CompatCausalLM" in out and "verdict: MATCH" in out

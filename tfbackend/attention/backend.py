@@ -103,5 +103,6 @@ def metadata_for_chunks(
         max_seq_len=max(seq_lens),
         query_start_loc_host=query_start_loc,
         seq_lens_host=seq_lens,
+        seq_ids_host=list(range(len(starts))),  # sequence b is sequence b of every such step
     )
     return positions, metadata

@@ -164,7 +164,10 @@ class CompatCausalLM(CausalLM):
         return torch.tensor(handles, device=input_ids.device)[:, None]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self._step_logits[hidden[:, 0].long()]
+        """Rows of tokens that end no chunk (handle -1) come back as NaN: this tier computes no logits there."""
+        rows = hidden[:, 0].long()
+        logits = self._step_logits[rows.clamp_min(0)]
+        return logits.masked_fill((rows < 0)[:, None], float("nan"))
 
     # ---- HF generation, one batch ---------------------------------------------------------------------------
 
