@@ -67,16 +67,40 @@ def causal_lm_class(hf_config) -> type | None:
     return None
 
 
-def stateful_layer_types(hf_config) -> list[str]:
-    """Layer types of the config whose HF cache layer holds more than keys and values (conv or recurrent
-    state, indexer keys, compressed KV), as transformers' own ``DynamicCache`` would build them."""
+# Cache layers whose batched use with left padding HF's generate handles: keys and values hidden by the attention
+# mask (exactly these classes: subclasses such as an indexer's keep more), or a fixed-size per-sequence state
+# (linear attention, convolutions, and hybrids of those with attention) that padding never enters.
+_FIXED_STATE_CACHE_LAYERS = tuple(
+    cls for cls in (getattr(cache_utils, "LinearAttentionCacheLayerMixin", None),) if cls is not None
+)
+
+
+def _cache_layer_classes(hf_config) -> dict[str, type | None] | None:
+    """Layer type -> the class of its HF cache layer, as transformers' own ``DynamicCache`` would build them
+    (None for a type no class is registered for); None when this transformers cannot tell."""
     layer_types_of = getattr(cache_utils, "get_layer_types_and_kwargs", None)
     mapping = getattr(cache_utils, "DYNAMIC_LAYER_TYPE_MAPPING", None)
     if layer_types_of is None or mapping is None:
-        return []  # older transformers: no per-layer cache classes to ask; the load check still runs
-    text_config = hf_config.get_text_config(decoder=True)
+        return None  # older transformers: no per-layer cache classes to ask
     try:
-        layer_types, _ = layer_types_of(text_config)
+        layer_types, _ = layer_types_of(hf_config.get_text_config(decoder=True))
     except (AttributeError, TypeError, ValueError):  # a config without the per-layer fields it expects
-        return []
-    return sorted({t for t in layer_types if mapping.get(t) not in _KV_ONLY_CACHE_LAYERS})
+        return None
+    return {layer_type: mapping.get(layer_type) for layer_type in layer_types}
+
+
+def stateful_layer_types(hf_config) -> list[str]:
+    """Layer types of the config whose HF cache layer holds more than keys and values (conv or recurrent
+    state, indexer keys, compressed KV). Empty when transformers cannot tell: the fallback's load check runs."""
+    classes = _cache_layer_classes(hf_config) or {}
+    return sorted(t for t, cls in classes.items() if cls not in _KV_ONLY_CACHE_LAYERS)
+
+
+def padding_unsafe_layer_types(hf_config) -> list[str]:
+    """Layer types whose cache HF does not mask in left-padded batches (e.g. an indexer choosing top-k keys
+    among padding too), or unknown ones: sequences of such models must not share a padded batch."""
+    classes = _cache_layer_classes(hf_config) or {}
+    return sorted(
+        t for t, cls in classes.items()
+        if cls not in _KV_ONLY_CACHE_LAYERS and not (cls is not None and issubclass(cls, _FIXED_STATE_CACHE_LAYERS))
+    )

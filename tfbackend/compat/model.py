@@ -34,7 +34,7 @@ from transformers import DynamicCache
 
 from tfbackend.attention import get_forward_context
 from tfbackend.compat.state import StateLayout, tensor_bytes
-from tfbackend.hf_classes import causal_lm_class
+from tfbackend.hf_classes import causal_lm_class, padding_unsafe_layer_types
 from tfbackend.model_interface import AttentionLayerSpec, CausalLM, SequenceStateSpec
 
 logger = logging.getLogger(__name__)
@@ -104,7 +104,11 @@ class CompatCausalLM(CausalLM):
                 logger.warning("%s keeps per-token state but takes no attention mask: each sequence runs alone",
                                hf_class.__name__)
                 model.layout = None
-            model.batched = model.layout is not None and model._check_batching()
+            unsafe = padding_unsafe_layer_types(hf_config)
+            if unsafe:
+                logger.warning("%s: each sequence runs alone (HF does not mask padding in its %s layers)",
+                               hf_class.__name__, ", ".join(unsafe))
+            model.batched = model.layout is not None and not unsafe and model._check_batching()
         return model
 
     def attention_layers(self) -> list[AttentionLayerSpec]:
