@@ -5,15 +5,19 @@ that a model of any family builds in a fraction of a second and still exercises 
 
 - depth: the kept layers are chosen so that every distinct value of every per-layer pattern (layer types, MLP
   types, index lists such as full-attention layers, ``per_layer_config`` entries, period/offset schedules) survives,
-  within each leading or trailing block of layers (dense layers before MoE ones, KV-sharing layers at the end);
-- widths, heads, experts, MLA ranks, state sizes and vocabulary take small values; sliding windows and chunks
-  become shorter than the test prompts; MLA keys stay wider than values; MoE keeps >= 4 experts;
+  within each leading, middle or trailing block of layers (dense layers before MoE ones, KV-sharing layers at the
+  end); index lists, ``per_layer_config`` keys, schedules and block depths follow the kept layers;
+- widths, heads, experts, MLA ranks, state sizes and vocabularies take small values; sliding windows, chunks and
+  sparse-attention budgets become shorter than the test prompts (30 tokens); MLA keys stay wider than values; MoE
+  keeps 4 experts and routes each token to 2;
 - sizes that a config derives from others (``head_dim`` of MLA, ``qk_head_dim`` ...) are left for it to derive
-  again, and the relations that it only validates (mamba heads x head width = expand x hidden, rotary width no
-  wider than the head, KV heads dividing heads ...) are restored.
+  again, and the relations it only validates are restored: MHA stays MHA, mamba heads x head width = expand x
+  hidden, rotary width and multimodal RoPE sections follow the head, expert groups hold two experts each;
+- special token ids move to the top of the small vocabulary, one new id per old id across all sub-configs.
 
-Nothing here names a model type except ``OVERRIDES`` (defaults that cannot build a model ``generate`` can run) and
-``TINY_OVERRIDES`` (shrunk sizes the generic rules cannot derive), each entry with why.
+Nothing here names a model type except three tables, each entry with why: ``OVERRIDES`` (defaults that cannot build
+a model ``generate`` can run), ``TINY_OVERRIDES`` (shrunk sizes the generic rules cannot derive) and
+``UNCOVERED_TYPES`` (causal-LM types no tiny model can stand for).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ RESERVED_TOP_IDS = 32
 
 HEADS = 4
 EXPERTS_PER_TOKEN = 2
+EXPERT_COUNT_KEYS = ("num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts")
 # Config key -> the small value it takes (only where the default is larger, and never from None).
 SMALL_SIZES: dict[str, int] = {
     **dict.fromkeys(("hidden_size", "d_model", "n_embd", "dim", "embedding_dim", "emb_dim"), 64),
@@ -57,8 +62,7 @@ SMALL_SIZES: dict[str, int] = {
                      "kv_n_heads"), 2),
     **dict.fromkeys(("head_dim", "attention_head_dim", "kv_channels", "swa_head_dim", "d_kv", "dim_head", "d_head",
                      "attention_head_size"), 16),
-    **dict.fromkeys(("num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts"), 4),
-    **dict.fromkeys(("num_experts_per_tok", "moe_topk", "top_k_experts", "moe_k", "moe_top_k"), EXPERTS_PER_TOKEN),
+    **dict.fromkeys(EXPERT_COUNT_KEYS, 4),
     **dict.fromkeys(("n_shared_experts", "num_shared_experts"), 1),
     # Experts that return zero (LongCat's "zero experts").
     "zero_expert_num": 2,
@@ -128,6 +132,8 @@ TIED_SIZES = (
 )
 ROTARY_WIDTH_KEYS = ("rotary_dim",)
 EXPERT_GROUP_KEYS = ("n_group", "num_expert_group")
+# Routed experts per token: always EXPERTS_PER_TOKEN, also in top-1 families (Llama 4), so that every MoE mixes.
+TOP_K_KEYS = ("num_experts_per_tok", "num_experts_per_token", "moe_topk", "top_k_experts", "moe_k", "moe_top_k")
 
 # Configs whose defaults cannot build a model (or one that ``generate`` can run), merged into the default config
 # (and into each sub-config of that model type) before shrinking, with why.
@@ -138,10 +144,12 @@ OVERRIDES: dict[str, dict] = {
     "bamba": {"attn_layer_indices": [9, 18, 27]},
     "granitemoehybrid": {"layer_types": _EVERY_8TH_ATTENTION},
     # Default ``rope_parameters`` are empty, but the model reads them per layer type: sliding layers with RoPE and
-    # full-attention layers without (NoPE), Cohere2-style.
+    # full-attention layers without (NoPE), Cohere2-style; the sections split the rotary frequencies of a 128 head
+    # (the model's own fallback is a version-dependent 64-frequency split).
     "cohere_compass_text": {
         "layer_types": ["full_attention" if i % 4 == 3 else "sliding_attention" for i in range(40)],
-        "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 50000.0},
+        "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 50000.0,
+                                                  "mrope_section": [24, 20, 20]},
                             "full_attention": None},
     },
     # HF ``generate`` sizes its cache from the top config's ``num_hidden_layers``, which BLT's lacks: give it the
@@ -184,8 +192,24 @@ TINY_OVERRIDES: dict[str, dict] = {
     # The config rounds the query/key width up to a multiple of 64 but the model does not: hidden x qk_dim_factor
     # (0.5) must be a multiple of 64.
     "xlstm": {"hidden_size": 128, "embedding_dim": 128},
+    # ZAYA's router supports top-1 routing only.
+    "zaya": {"num_experts_per_tok": 1},
     # Sliding layers need head_dim = their qk_nope_head_dim (24, per-layer) + qk_rope_head_dim (8).
     "dots3_note_text": {"head_dim": 32},
+}
+
+# Causal-LM types that no tiny model can stand for (transformers 5.17 to 5.24), with why.
+UNCOVERED_TYPES: dict[str, str] = {
+    **dict.fromkeys(
+        ("gemma4_assistant", "gemma4_unified_assistant"),
+        "a speculative-decoding drafter that reads the target model's KV cache (all its layers are KV-shared): "
+        "it cannot generate on its own"),
+    **dict.fromkeys(
+        ("musicgen", "musicgen_melody"),
+        "AutoModelForCausalLM maps the composite config to the decoder class, which cannot be built from it (and "
+        "AutoModelForCausalLM refuses the decoder sub-config); its tokens are multi-codebook audio frames"),
+    "gemma3n": "its vision tower is a timm model (needs timm and PIL, not project dependencies); the text model is "
+               "covered as gemma3n_text",
 }
 
 
@@ -212,6 +236,13 @@ def _sub_config_class(parent_class: type, key: str, sub_config: dict) -> type | 
 @functools.cache
 def _base_keys() -> frozenset[str]:
     return frozenset(PreTrainedConfig().to_dict())
+
+
+@functools.cache
+def _bookkeeping_keys() -> frozenset[str]:
+    """Keys that ``to_dict`` writes but no config field holds (``_name_or_path``, ``output_attentions`` ...)."""
+    fields = {field.name for field in dataclasses.fields(PreTrainedConfig)}
+    return frozenset(_base_keys() - fields - {"model_type"})
 
 
 @functools.cache
@@ -411,6 +442,21 @@ def _restore_ties(config: dict, default: dict) -> None:
                 config[follower] = math.gcd(config[follower], config[leader])
 
 
+def _scale_rope_sections(rope_parameters, factor: float) -> None:
+    """Multimodal RoPE sections (``mrope_section``, in the parameters or per layer type) split the rotary
+    frequencies of a head: they keep their proportions and sum to the narrower head's."""
+    if not isinstance(rope_parameters, dict):
+        return
+    sections = rope_parameters.get("mrope_section")
+    if isinstance(sections, list) and all(_is_int(v) for v in sections):
+        total = max(len(sections), round(sum(sections) * factor))
+        scaled = [v * total // sum(sections) for v in sections]
+        scaled[0] += total - sum(scaled)
+        rope_parameters["mrope_section"] = scaled
+    for value in rope_parameters.values():
+        _scale_rope_sections(value, factor)
+
+
 def _restore_relations(config: dict, default: dict) -> None:
     """Relations between sizes that the defaults satisfy and independent shrinking may break."""
     heads, hidden = config.get("num_attention_heads"), config.get("hidden_size")
@@ -428,15 +474,19 @@ def _restore_relations(config: dict, default: dict) -> None:
                 and _is_int(old_hidden) and sum(default[key]) == old_hidden != hidden):
             config[key] = [v * hidden // old_hidden for v in default[key]]
     old_head, new_head = _head_width(default), _head_width(config)
-    for key in ROTARY_WIDTH_KEYS:
-        if _is_int(config.get(key)) and old_head and new_head:
-            config[key] = max(2, config[key] * new_head // old_head // 2 * 2)
+    if old_head and new_head:
+        for key in ROTARY_WIDTH_KEYS:
+            if _is_int(config.get(key)):
+                config[key] = max(2, config[key] * new_head // old_head // 2 * 2)
+        _scale_rope_sections(config.get("rope_parameters"), new_head / old_head)
     for expand, num_heads, head_width in SSM_HEAD_KEYS:
         if all(_is_int(config.get(key)) for key in (expand, num_heads, head_width)) and _is_int(hidden):
             inner = next((config[k] for k in SSM_INNER_KEYS if _is_int(config.get(k))), config[expand] * hidden)
             config[head_width] = inner // config[num_heads]
-    experts = next((config[k] for k in ("num_experts", "n_routed_experts", "num_local_experts")
-                    if _is_int(config.get(k))), None)
+    experts = next((config[k] for k in EXPERT_COUNT_KEYS if _is_int(config.get(k))), None)
+    for key in TOP_K_KEYS:
+        if _is_int(config.get(key)) and config[key] >= 1:
+            config[key] = min(EXPERTS_PER_TOKEN, experts or EXPERTS_PER_TOKEN)
     for group in EXPERT_GROUP_KEYS:
         if _is_int(config.get(group)) and experts:
             # At least two experts per group (group routing scores a group by its top two), half the groups kept.
@@ -465,7 +515,9 @@ def _shrink(default: dict, config_class: type | None) -> dict:
     config = {key: copy.deepcopy(value) for key, value in default.items() if key not in derived}
     for key, value in config.items():
         if _is_sub_config(value):
-            config[key] = _shrink(value, _sub_config_class(config_class, key, value))
+            shrunk = _shrink(value, _sub_config_class(config_class, key, value))
+            # Some composite configs build their sub-configs from these dicts as keyword arguments.
+            config[key] = {k: v for k, v in shrunk.items() if k not in _bookkeeping_keys()}
     _shrink_depth(config)
     # A config may store a size under its own name and map the common one to it (``attribute_map``).
     common_names = {own: common for common, own in getattr(config_class, "attribute_map", {}).items()}
@@ -514,7 +566,14 @@ def build_tiny_model(model_type: str, seed: int = 0, **overrides) -> torch.nn.Mo
 
 
 def save_tiny_checkpoint(model_type: str, directory: Path, seed: int = 0, **overrides) -> None:
-    build_tiny_model(model_type, seed, **overrides).save_pretrained(directory)
+    model = build_tiny_model(model_type, seed, **overrides)
+    model.save_pretrained(directory)
+    if model.config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        # The causal-LM class kept only its text sub-config, which AutoModelForCausalLM cannot load back: save the
+        # whole config instead, as the released checkpoints of such types have it.
+        config = tiny_config(model_type, **overrides)
+        config.architectures = [type(model).__name__]
+        config.save_pretrained(directory)
 
 
 def load_reference(directory: Path) -> torch.nn.Module:
