@@ -36,6 +36,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+from tfbackend.hf_classes import causal_lm_class
+
 VOCAB = 256
 NUM_LAYERS = 2
 # Token ids at the top of the vocabulary are kept for special tokens; prompts draw from below.
@@ -566,19 +568,15 @@ def build_tiny_model(model_type: str, seed: int = 0, **overrides) -> torch.nn.Mo
 
 
 def save_tiny_checkpoint(model_type: str, directory: Path, seed: int = 0, **overrides) -> None:
-    model = build_tiny_model(model_type, seed, **overrides)
-    model.save_pretrained(directory)
-    if model.config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        # The causal-LM class kept only its text sub-config, which AutoModelForCausalLM cannot load back: save the
-        # whole config instead, as the released checkpoints of such types have it.
-        config = tiny_config(model_type, **overrides)
-        config.architectures = [type(model).__name__]
-        config.save_pretrained(directory)
+    build_tiny_model(model_type, seed, **overrides).save_pretrained(directory)
 
 
 def load_reference(directory: Path) -> torch.nn.Module:
-    """The checkpoint reloaded from disk, as HF would serve it: the ground truth for parity."""
-    return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    """The checkpoint reloaded from disk, as HF would serve it: the ground truth for parity. The class is found as
+    tfbackend finds it: the causal-LM class of a multimodal type keeps only its text sub-config, whose config type no
+    auto class maps."""
+    hf_class = causal_lm_class(AutoConfig.from_pretrained(directory))
+    return hf_class.from_pretrained(directory, dtype=torch.float32).eval()
 
 
 def prompt_token_ids(lengths: Sequence[int], seed: int = 1) -> list[list[int]]:

@@ -46,7 +46,7 @@ def test_representative_types_build_tiny_and_generate(model_type):
 
 @pytest.mark.parametrize("model_type", _types_present("llama", "mllama"))
 def test_saved_checkpoint_reloads_to_the_same_greedy_output(model_type, tmp_path):
-    """mllama's causal-LM class keeps only its text sub-config; the checkpoint must still reload."""
+    """mllama's causal-LM class saves only its text sub-config, whose config type no auto class maps."""
     ids = torch.tensor(prompt_token_ids([PROMPT_LENGTH]))
     kwargs = {"attention_mask": torch.ones_like(ids), "max_new_tokens": 3, "do_sample": False}
     save_tiny_checkpoint(model_type, tmp_path)
