@@ -109,7 +109,8 @@ SMALL_SIZE_SUFFIXES: dict[str, int] = {
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "decoder_layers", "encoder_layers",
                     "num_decoder_layers", "num_encoder_layers", "num_blocks")
 # Depths of a leading or trailing block of layers built unlike the rest (dense layers before the MoE ones, layers
-# that reuse an earlier layer's KV cache at the end): each block keeps at least one layer.
+# that reuse an earlier layer's KV cache at the end), and of the middle between them where a config counts it (a
+# looped stack): each block keeps at least one layer.
 LEADING_BLOCK_KEYS = ("first_k_dense_replace", "num_dense_layers", "max_window_layers", "n_input_layers")
 TRAILING_BLOCK_KEYS = ("num_kv_shared_layers", "n_output_layers")
 MIDDLE_BLOCK_KEYS = ("n_recurrent_layers",)
@@ -139,12 +140,11 @@ TOP_K_KEYS = ("num_experts_per_tok", "num_experts_per_token", "moe_topk", "top_k
 
 # Configs whose defaults cannot build a model (or one that ``generate`` can run), merged into the default config
 # (and into each sub-config of that model type) before shrinking, with why.
-_EVERY_8TH_ATTENTION = ["full_attention" if i % 8 == 7 else "linear_attention" for i in range(32)]
 OVERRIDES: dict[str, dict] = {
     # Defaults have no attention layer at all, and HF ``generate`` cannot start from a cache of mamba layers only:
     # put attention layers among the mamba ones, as the released checkpoints do.
     "bamba": {"attn_layer_indices": [9, 18, 27]},
-    "granitemoehybrid": {"layer_types": _EVERY_8TH_ATTENTION},
+    "granitemoehybrid": {"layer_types": ["full_attention" if i % 8 == 7 else "linear_attention" for i in range(32)]},
     # Default ``rope_parameters`` are empty, but the model reads them per layer type: sliding layers with RoPE and
     # full-attention layers without (NoPE), Cohere2-style; the sections split the rotary frequencies of a 128 head
     # (the model's own fallback is a version-dependent 64-frequency split).
