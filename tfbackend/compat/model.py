@@ -41,6 +41,10 @@ logger = logging.getLogger(__name__)
 
 # Prompt lengths of the load-time comparison that tells which state dimensions grow with the sequence.
 LAYOUT_PROBE_LENGTHS = (3, 11)
+# The batching check: a short prompt padded to a long one's length, decoded for a few steps, against each alone.
+# Long enough that padding meets what small windows, top-k selections and chunks do with it.
+BATCHING_CHECK_LENGTHS = (12, 40)
+BATCHING_CHECK_STEPS = 4
 
 
 @dataclass
@@ -254,19 +258,21 @@ class CompatCausalLM(CausalLM):
         batch.lengths += new.lengths
 
     def _check_batching(self) -> bool:
-        """Whether rows decode in one batch exactly as they decode alone (false for a model whose batched forward
-        mixes rows, e.g. HF's RWKV state update); if not, each sequence runs in a forward of its own."""
+        """Whether rows decode in one padded batch exactly as each decodes alone. HF's batched forward is not
+        row-independent for some models (RWKV's state update mixes rows; Doge's top-k key selection sees the
+        padding): those run each sequence in a forward of its own."""
         device = self.hf_model.device
-        prompts = [_probe_prompt(self.config, length, device) for length in LAYOUT_PROBE_LENGTHS]
+        prompts = [_probe_prompt(self.config, length, device) for length in BATCHING_CHECK_LENGTHS]
+        steps = [torch.full((1, 1), 3 + i, device=device) for i in range(BATCHING_CHECK_STEPS)]
         alone = []
         for seq_id, prompt in enumerate(prompts):
             _, batch = self._prefill([seq_id], prompt)
-            alone.append(self._decode(batch, prompt[:, :1]))
+            alone.append(torch.stack([self._decode(batch, token)[0] for token in steps]))
             _, batch = self._prefill([seq_id], prompt)
             self._join(batch)
-        joined = self._decode(self.groups[0], torch.cat([p[:, :1] for p in prompts]))
+        joined = torch.stack([self._decode(self.groups[0], token.repeat(len(prompts), 1)) for token in steps], 1)
         self.groups = []
-        alone = torch.cat(alone)
+        alone = torch.stack(alone)
         error = ((joined - alone).norm() / alone.norm().clamp_min(1e-12)).item()
         tolerance = 1e-4 if self.hf_model.dtype == torch.float32 else 3e-2
         if error <= tolerance:
