@@ -8,41 +8,18 @@ import os
 # The interpreter is chosen when triton is imported, so this must come first.
 os.environ["TRITON_INTERPRET"] = "1"
 
-import numpy as np
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
-import triton.language as tl  # noqa: E402
-from triton.runtime import interpreter  # noqa: E402
-
+from tests.triton_interpreter import interpreter_bf16_dot  # noqa: E402, F401
 from tfbackend.attention.backend import AttentionMetadata, LayerAttentionOptions  # noqa: E402
 from tfbackend.attention.torch_backend import TorchAttentionBackend  # noqa: E402
 from tfbackend.attention.triton_backend import TritonAttentionBackend  # noqa: E402
 
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 1e-2}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _interpreter_bf16_dot():
-    """Triton's interpreter (3.9) stores bf16 as uint16 and ``tl.dot`` multiplies those raw bit patterns.
-
-    Widen bf16 operands to fp32 (exact) before the interpreter's matmul; compiled GPU kernels are unaffected.
-    """
-    original = interpreter.InterpreterBuilder.create_dot
-
-    def widen(handle):
-        if handle.dtype != tl.bfloat16:
-            return handle
-        return interpreter.TensorHandle((handle.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
-
-    def create_dot(self, a, b, d, *args):
-        return original(self, widen(a), widen(b), d, *args)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(interpreter.InterpreterBuilder, "create_dot", create_dot)
-        yield
+pytestmark = pytest.mark.usefixtures("interpreter_bf16_dot")
 
 
 def _make_step(
