@@ -77,11 +77,12 @@ def kernel_vs_reference(layer: dict, activation: GatedActivation) -> float:
     return ((out.float() - expected.float()).norm() / expected.float().norm()).item()
 
 
-# One token (the unsorted decode path), token counts that are not multiples of the 16-row blocks, more pairs
-# than one sorting-kernel scan block of 1024, top-1, and every expert chosen (top_k = num_experts).
+# One token (the unsorted decode path), token counts that are not multiples of the row blocks, from 1 to 260 pairs
+# per expert (each of moe_tiles' row-block sizes), more pairs than one sorting-kernel scan block of 1024, top-1,
+# and every expert chosen (top_k = num_experts).
 @pytest.mark.parametrize(
     ("num_tokens", "num_experts", "top_k"),
-    [(1, 4, 2), (1, 8, 8), (7, 8, 2), (33, 6, 3), (40, 16, 4), (21, 3, 1), (520, 4, 2)],
+    [(1, 4, 2), (1, 8, 8), (7, 8, 2), (40, 16, 4), (33, 6, 3), (90, 3, 1), (520, 4, 2)],
 )
 def test_kernel_matches_reference(num_tokens, num_experts, top_k):
     layer = random_layer(num_tokens, num_experts, top_k)
