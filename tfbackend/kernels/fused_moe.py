@@ -112,9 +112,9 @@ def _block_rows(sorted_pairs_ptr, block_expert_ptr, row_block, num_pairs, BLOCK_
 
 @triton.jit
 def _gated(gate, up, ACTIVATION: tl.constexpr, alpha, limit):
-    if ACTIVATION == "clamped_swiglu":
-        gate = tl.minimum(gate, limit)
-        up = tl.minimum(tl.maximum(up, -limit), limit)
+    gate = tl.minimum(gate, limit)  # limit is +inf unless the model clamps
+    up = tl.minimum(tl.maximum(up, -limit), limit)
+    if ACTIVATION == "gpt_oss_swiglu":
         return (up + 1.0) * gate * tl.sigmoid(gate * alpha)
     if ACTIVATION == "silu":
         return gate * tl.sigmoid(gate) * up

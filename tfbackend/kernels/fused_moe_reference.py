@@ -6,6 +6,8 @@ loop over experts reads the per-expert counts on the host, which is free on CPU 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -18,10 +20,11 @@ def gated_activation(gate_up: torch.Tensor, activation: GatedActivation) -> torc
         gate, up = gate_up[..., 0::2], gate_up[..., 1::2]
     else:
         gate, up = gate_up.chunk(2, dim=-1)
-    kind = activation.kind
-    if kind == "clamped_swiglu":
+    if activation.limit != math.inf:
         gate = gate.clamp(max=activation.limit)
         up = up.clamp(min=-activation.limit, max=activation.limit)
+    kind = activation.kind
+    if kind == "gpt_oss_swiglu":
         return (up + 1) * gate * torch.sigmoid(gate * activation.alpha)
     if kind == "silu":
         return F.silu(gate) * up

@@ -14,6 +14,7 @@ transformers' implementation, and the reason is logged.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -26,8 +27,11 @@ logger = logging.getLogger(__name__)
 
 EXPERTS_IMPLEMENTATION = "tfbackend"
 _PLAIN_ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
+# Where experts classes keep a clamp limit and gpt-oss's sigmoid scale.
+_LIMIT_ATTRIBUTES = ("limit", "swiglu_limit")
+_ALPHA_ATTRIBUTES = ("alpha", "swiglu_alpha")
 _PROBE_ROWS = 16
-_PROBE_RANGE = 12.0  # wide enough to reach gpt-oss's clamp (limit 7)
+_PROBE_RANGE = 12.0
 
 
 @dataclass(frozen=True)
@@ -66,30 +70,48 @@ def experts_layout(module: torch.nn.Module) -> ExpertsLayout | str:
         return f"{name} has expert weights of unexpected shapes {tuple(gate_up.shape)} and {tuple(down.shape)}"
     activation = _probe_activation(module, gate_up.shape[1])
     if activation is None:
-        return f"{name}._apply_gate matches none of act(gate) * up for {_PLAIN_ACTIVATIONS} nor clamped swiglu"
+        return f"{name}._apply_gate matches none of act(gate) * up for {_PLAIN_ACTIVATIONS} nor gpt-oss's swiglu"
     return ExpertsLayout(activation, bool(module.is_transposed), bool(module.has_bias))
 
 
 def _probe_activation(module: torch.nn.Module, gate_up_width: int) -> GatedActivation | None:
-    """The candidate activation whose output equals the module's ``_apply_gate`` on random inputs."""
+    """The candidate activation whose output equals the module's ``_apply_gate`` on random inputs.
+
+    Candidates: every plain activation and gpt-oss's swiglu, in both layouts, unclamped or clamped at a limit
+    the module declares. The probe spans twice the largest limit, so a clamp always shows.
+    """
+    limits = [math.inf, *_numeric_attributes(module, _LIMIT_ATTRIBUTES)]
+    alphas = _numeric_attributes(module, _ALPHA_ATTRIBUTES)
+    candidates = [
+        GatedActivation(kind, interleaved, limit=limit)
+        for interleaved in (False, True)
+        for limit in limits
+        for kind in _PLAIN_ACTIVATIONS
+    ] + [
+        GatedActivation("gpt_oss_swiglu", interleaved, alpha, limit)
+        for interleaved in (False, True)
+        for limit in limits
+        for alpha in alphas
+    ]
+    probe_range = max([_PROBE_RANGE] + [2 * limit for limit in limits if limit != math.inf])
     generator = torch.Generator().manual_seed(0)
-    probe = (torch.rand(_PROBE_ROWS, gate_up_width, generator=generator) * 2 - 1) * _PROBE_RANGE
-    device = module.gate_up_proj.device
+    probe = (torch.rand(_PROBE_ROWS, gate_up_width, generator=generator) * 2 - 1) * probe_range
     with torch.no_grad():
         try:
-            expected = module._apply_gate(probe.to(device)).float().cpu()
+            expected = module._apply_gate(probe.to(module.gate_up_proj.device)).float().cpu()
         except Exception as error:  # a gate we cannot even call on a probe is not one we reproduce
             logger.debug("probing %s._apply_gate failed: %s", type(module).__name__, error)
             return None
-    candidates = [GatedActivation(kind, interleaved) for interleaved in (False, True) for kind in _PLAIN_ACTIVATIONS]
-    if hasattr(module, "alpha") and hasattr(module, "limit"):
-        alpha, limit = float(module.alpha), float(module.limit)
-        candidates += [GatedActivation("clamped_swiglu", interleaved, alpha, limit) for interleaved in (False, True)]
     for candidate in candidates:
         actual = gated_activation(probe, candidate)
         if actual.shape == expected.shape and torch.allclose(actual, expected, rtol=1e-5, atol=1e-5):
             return candidate
     return None
+
+
+def _numeric_attributes(module: torch.nn.Module, names: tuple[str, ...]) -> list[float]:
+    values = (getattr(module, name, None) for name in names)
+    return sorted({float(value) for value in values if isinstance(value, (int, float)) and not isinstance(value, bool)})
 
 
 def tfbackend_experts_forward(

@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "clamped_swiglu")
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "gpt_oss_swiglu")
 
 
 @dataclass(frozen=True)
@@ -29,9 +29,9 @@ class GatedActivation:
     """How the first projection's ``2I`` outputs become the ``I`` inputs of the down projection.
 
     ``kind`` is ``act`` in ``act(gate) * up`` (``silu``, ``gelu`` (erf), ``gelu_tanh``, ``relu``), or
-    ``clamped_swiglu`` (gpt-oss): ``gate = min(gate, limit)``, ``up = clamp(up, -limit, limit)``, output
-    ``(up + 1) * gate * sigmoid(alpha * gate)``. ``interleaved``: the outputs alternate gate, up, gate, up...
-    instead of all gates then all ups.
+    ``gpt_oss_swiglu``: ``(up + 1) * gate * sigmoid(alpha * gate)``. A finite ``limit`` first clamps
+    ``gate <= limit`` and ``-limit <= up <= limit`` (gpt-oss, DeepSeek-V4). ``interleaved``: the outputs
+    alternate gate, up, gate, up... instead of all gates then all ups.
     """
 
     kind: str = "silu"
