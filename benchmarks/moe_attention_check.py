@@ -296,7 +296,7 @@ def main() -> int:
     for context in (128, 512, 1024):
         case = AttentionCase(f"ctx {context}", [context - 1], [1], GRAPH_MAX_SEQ_LEN)
         timings = []
-        for min_keys in (32, 64, 128, 256, None):
+        for min_keys in (64, 128, 256, 512, None):
             backend = TritonAttentionBackend(split_kv=False) if min_keys is None else TritonAttentionBackend(
                 min_keys_per_split=min_keys
             )

@@ -64,11 +64,15 @@ def experts_layout(module: torch.nn.Module) -> ExpertsLayout | str:
             kind = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
             return f"{name}.{attr} is not a float32/bfloat16/float16 tensor ({kind})"
     gate_up, down = tensors[:2]
+    unexpected = f"{name} has expert weights of unexpected shapes {tuple(gate_up.shape)} and {tuple(down.shape)}"
+    if gate_up.dim() != 3 or down.dim() != 3:
+        return unexpected
     if module.is_transposed:
         gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
-    if gate_up.dim() != 3 or down.dim() != 3 or gate_up.shape[1] != 2 * down.shape[2]:
-        return f"{name} has expert weights of unexpected shapes {tuple(gate_up.shape)} and {tuple(down.shape)}"
-    activation = _probe_activation(module, gate_up.shape[1])
+    num_experts, two_inter, hidden_size = gate_up.shape
+    if two_inter % 2 or tuple(down.shape) != (num_experts, hidden_size, two_inter // 2):
+        return unexpected
+    activation = _probe_activation(module, two_inter)
     if activation is None:
         return f"{name}._apply_gate matches none of act(gate) * up for {_PLAIN_ACTIVATIONS} nor gpt-oss's swiglu"
     return ExpertsLayout(activation, bool(module.is_transposed), bool(module.has_bias))
