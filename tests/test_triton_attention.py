@@ -8,41 +8,18 @@ import os
 # The interpreter is chosen when triton is imported, so this must come first.
 os.environ["TRITON_INTERPRET"] = "1"
 
-import numpy as np
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
-import triton.language as tl  # noqa: E402
-from triton.runtime import interpreter  # noqa: E402
-
+from tests.triton_interpreter import interpreter_bf16_dot  # noqa: E402, F401
 from tfbackend.attention.backend import AttentionMetadata, LayerAttentionOptions  # noqa: E402
 from tfbackend.attention.torch_backend import TorchAttentionBackend  # noqa: E402
 from tfbackend.attention.triton_backend import TritonAttentionBackend  # noqa: E402
 
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 1e-2}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _interpreter_bf16_dot():
-    """Triton's interpreter (3.9) stores bf16 as uint16 and ``tl.dot`` multiplies those raw bit patterns.
-
-    Widen bf16 operands to fp32 (exact) before the interpreter's matmul; compiled GPU kernels are unaffected.
-    """
-    original = interpreter.InterpreterBuilder.create_dot
-
-    def widen(handle):
-        if handle.dtype != tl.bfloat16:
-            return handle
-        return interpreter.TensorHandle((handle.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
-
-    def create_dot(self, a, b, d, *args):
-        return original(self, widen(a), widen(b), d, *args)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(interpreter.InterpreterBuilder, "create_dot", create_dot)
-        yield
+pytestmark = pytest.mark.usefixtures("interpreter_bf16_dot")
 
 
 def _make_step(
@@ -94,11 +71,20 @@ def _check(
     softcap: float | None = None,
     sinks: bool = False,
     split_kv: bool | None = None,
+    min_keys_per_split: int = 16,
+    max_seq_len: int | None = None,
     pad_tokens: int = 0,
-) -> None:
+) -> TritonAttentionBackend:
+    """Write and attend one step with both backends and compare; returns the Triton backend used.
+
+    ``max_seq_len`` overrides the metadata's bound on sequence lengths, as a CUDA graph captured for
+    ``max_model_len`` has it.
+    """
     generator = torch.Generator().manual_seed(sum(cached) * 31 + sum(new) + d_k)
     d_v = d_v or d_k
     metadata, prefix_slots = _make_step(cached, new, block_size, num_blocks=64, generator=generator)
+    if max_seq_len is not None:
+        metadata.max_seq_len = max_seq_len
     num_tokens = sum(new)
 
     def randn(*shape: int) -> torch.Tensor:
@@ -128,7 +114,7 @@ def _check(
     reference.write_kv(key[:num_tokens], value[:num_tokens], ref_key_cache, ref_value_cache, metadata.slot_mapping)
     expected = reference.attend(query, ref_key_cache, ref_value_cache, metadata, options)
 
-    backend = TritonAttentionBackend(split_kv=split_kv)
+    backend = TritonAttentionBackend(split_kv=split_kv, min_keys_per_split=min_keys_per_split)
     backend.write_kv(key, value, key_cache, value_cache, slots)
     assert torch.equal(key_cache.isnan(), ref_key_cache.isnan())
     assert torch.equal(key_cache.nan_to_num(), ref_key_cache.nan_to_num())
@@ -140,6 +126,7 @@ def _check(
     assert not out.isnan().any(), "some output elements were never written (or read unwritten cache)"
     error = (out.float() - expected.float()).norm() / expected.float().norm()
     assert error < TOLERANCE[dtype], f"relative error {error:.2e}"
+    return backend
 
 
 # Every case mixes decodes (1 new token) with prefill chunks over a cached prefix, including one whose
@@ -180,22 +167,53 @@ def test_split_kv_decode_bf16():
     _check(cached=[150, 3, 64], new=[1, 1, 1], split_kv=True, dtype=torch.bfloat16, block_size=4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_head_dim_256_softcap(dtype):
+    """Gemma 2's shapes: 256-wide heads, two query heads per KV head, logits capped at 50."""
+    _check(**MIXED, num_q_heads=4, num_kv_heads=2, d_k=256, softcap=50.0, sliding_window=40, dtype=dtype)
+
+
+def test_head_dim_256_softcap_split_kv_decode():
+    _check(cached=[150, 3, 64], new=[1, 1, 1], d_k=256, softcap=50.0, split_kv=True, dtype=torch.bfloat16)
+
+
+def test_short_sequences_use_few_partitions_of_a_graph_sized_split():
+    """A launch sized for a 1024-key bound (as a CUDA graph captured for max_model_len is) splits each
+    sequence only into as many partitions as its own keys fill, at least min_keys_per_split keys each."""
+    seq_lens = [40, 300, 1]
+    backend = _check(
+        cached=[n - 1 for n in seq_lens], new=[1, 1, 1], split_kv=True, min_keys_per_split=32, max_seq_len=1024
+    )
+    (part_max, _, _), = backend._scratch.values()
+    num_splits = part_max.shape[2]
+    assert num_splits == 1024 // 32  # float32 key tiles are 32 keys: one tile per partition
+    used = (part_max[:3] > float("-inf")).all(dim=1)  # [token, split]: some key seen by every head
+    for token, seq_len in enumerate(seq_lens):
+        active = -(-seq_len // 32)
+        assert used[token].tolist() == [True] * active + [False] * (num_splits - active)
+
+
 @pytest.mark.parametrize(
     ("batch", "context", "split"),
-    [(1, 4096, True), (256, 4096, False), (1, 100, False)],
+    [(1, 4096, True), (256, 4096, False), (1, 48, False)],
 )
 def test_split_kv_chosen_for_few_long_decodes(batch, context, split):
-    """Split-KV only when the grid would leave SMs idle and there are enough keys to share out."""
+    """Split-KV only when the grid would leave SMs idle and there are keys for more than one partition."""
     # Only shapes and the python ints matter to the plan.
     metadata = AttentionMetadata(
         slot_mapping=torch.zeros(batch, dtype=torch.int64),
         query_start_loc=torch.arange(batch + 1, dtype=torch.int32),
         seq_lens=torch.full((batch,), context, dtype=torch.int32),
-        block_tables=torch.zeros(batch, context // 16, dtype=torch.int32),
+        block_tables=torch.zeros(batch, -(-context // 16), dtype=torch.int32),
         max_query_len=1,
         max_seq_len=context,
     )
     query = torch.empty(batch, 32, 64, dtype=torch.bfloat16)
     cache = torch.empty(1, 16, 8, 64, dtype=torch.bfloat16)
-    plan = TritonAttentionBackend().plan(query, cache, cache, metadata)
+    plan = TritonAttentionBackend(min_keys_per_split=64).plan(query, cache, cache, metadata)
     assert (plan.num_splits > 1) == split
+
+
+def test_min_keys_per_split_is_checked():
+    with pytest.raises(ValueError, match="min_keys_per_split"):
+        TritonAttentionBackend(min_keys_per_split=0)

@@ -34,6 +34,8 @@ FAMILIES: dict[str, dict] = {
     "gpt_neox": dict(rotary_pct=0.25, use_parallel_residual=True),  # partial rotary
     "opt": dict(ffn_dim=128, word_embed_proj_dim=64, num_attention_heads=4),  # learned positions with offset
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),  # MoE
+    "qwen3_moe": dict(num_experts=8, num_experts_per_tok=3, moe_intermediate_size=32, head_dim=16),  # MoE, q/k norm
+    "olmoe": dict(num_experts=8, num_experts_per_tok=2),  # MoE
     "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2, head_dim=16, sliding_window=8,
                     layer_types=["sliding_attention", "full_attention"]),  # attention sinks
 }

@@ -37,6 +37,7 @@ from tfbackend.attention_bridge import (
     probe_attention_calls,
 )
 from tfbackend.hf_classes import causal_lm_class, stateful_layer_types
+from tfbackend.kernels.hf_experts import use_fused_experts
 from tfbackend.kv_cache import KVCache, KVCacheSpec
 from tfbackend.model_interface import AttentionLayerSpec, CausalLM, UnsupportedModelError
 
@@ -100,6 +101,7 @@ class TransformersForCausalLM(CausalLM):
             attn_implementation=ATTN_IMPLEMENTATION,
         )
         hf_model.eval().requires_grad_(False)
+        use_fused_experts(hf_model)  # MoE experts through our fused kernel where it reproduces them; else HF's
         model = cls(hf_model)
         with torch.inference_mode():
             model._map_attention_calls()

@@ -6,13 +6,18 @@ one KV head, so every K/V tile is loaded once per KV head and fed to ``tl.dot`` 
 enumerates query tiles of all sequences without reading query lengths on the host: sequence b owns tiles
 ``[query_start_loc[b] // BLOCK_Q + b, query_start_loc[b+1] // BLOCK_Q + b + 1)`` (at least as many as it needs)
 and a program finds its sequence by binary search, so the grid is ``T // BLOCK_Q + B`` tiles and spare tiles
-exit at once. Axis 1 is the KV head; axis 2 splits each sequence's keys into NUM_SPLITS partitions whose
+exit at once. Axis 1 is the KV head; axis 2 splits each sequence's keys into up to NUM_SPLITS partitions whose
 partial softmax states a second kernel merges, which fills the GPU when few sequences decode long contexts.
-Every grid size comes from tensor shapes and the metadata's python ints, so decode steps can be CUDA-graphed.
+NUM_SPLITS is an upper bound sized from the step's longest possible sequence; each sequence uses only as many
+partitions as its own keys fill (at least MIN_TILES_PER_SPLIT key tiles each), decided on the device from its
+length, and the spare partitions exit at once. Every grid size comes from tensor shapes and the metadata's python
+ints, so decode steps can be CUDA-graphed, and a graph captured for ``max_model_len`` still splits a short
+context only as finely as its length calls for.
 """
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import torch
@@ -24,11 +29,13 @@ from tfbackend.attention.backend import AttentionBackend, AttentionMetadata, Lay
 _LOG2E = tl.constexpr(1.4426950408889634)
 # Grid sizing under the CPU interpreter, where there is no device to ask: an H100's SM count.
 _CPU_SM_COUNT = 132
-# The split-KV mode aims for this many programs per SM, never splits below this many keys per partition,
-# and never uses more partitions than this.
+# The split-KV mode aims for this many programs per SM, by default never gives a partition fewer keys than
+# this, and never uses more partitions than this.
 _SPLIT_PROGRAMS_PER_SM = 2
-_MIN_KEYS_PER_SPLIT = 128
+_MIN_KEYS_PER_SPLIT = 64
 _MAX_SPLITS = 64
+# Compiled kernels on a GPU may use PTX's tanh.approx; Triton's CPU interpreter cannot run inline assembly.
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -94,8 +101,12 @@ def _find_sequence(query_start_loc_ptr, num_seqs, tile, BLOCK_Q: tl.constexpr):
 
 
 @triton.jit
-def _tanh(x):
-    # Written through sigmoid because tl has no tanh outside backend-specific libdevice modules.
+def _tanh(x, FAST: tl.constexpr):
+    if FAST:  # one SFU instruction; relative error ~2^-11, below the rounding of 16-bit inputs
+        return tl.inline_asm_elementwise(
+            "tanh.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1
+        )
+    # Through sigmoid: tl has no tanh outside backend-specific libdevice modules.
     return 2.0 * tl.sigmoid(2.0 * x) - 1.0
 
 
@@ -138,9 +149,11 @@ def _paged_attention_kernel(
     D_V: tl.constexpr,
     D_V_PAD: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
+    MIN_TILES_PER_SPLIT: tl.constexpr,
     ONE_TILE_PER_SEQ: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
+    FAST_TANH: tl.constexpr,
     HAS_SINKS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -167,14 +180,6 @@ def _paged_attention_kernel(
     row_head = kv_head * GROUP + rows % GROUP
     row_valid = (rows < BLOCK_Q * GROUP) & (row_tok < q_len)
     row_pos = context_len + row_tok
-    d_k = tl.arange(0, D_K_PAD)
-    d_v = tl.arange(0, D_V_PAD)
-    q_rows = (q_start + row_tok).to(tl.int64) * stride_q_tok + row_head * stride_q_head
-    q = tl.load(
-        query_ptr + q_rows[:, None] + d_k[None, :],
-        mask=row_valid[:, None] & (d_k[None, :] < D_K),
-        other=0.0,
-    )
 
     # Keys any row of the tile can see: from the first row's window start to the last row's position.
     # Tiles wholly before the window are never visited, so sliding-window layers read only their window.
@@ -186,10 +191,25 @@ def _paged_attention_kernel(
         kv_begin = first_pos * 0
     tile_begin = kv_begin // TILE_N
     tile_end = tl.cdiv(kv_end, TILE_N)
-    if NUM_SPLITS > 1:  # this program takes one contiguous share of the sequence's key tiles
-        per_split = tl.cdiv(tile_end - tile_begin, NUM_SPLITS)
+    if NUM_SPLITS > 1:
+        # This program takes one contiguous share of the sequence's key tiles. Shares are at least
+        # MIN_TILES_PER_SPLIT tiles, so a short sequence uses fewer partitions than the grid has.
+        per_split = tl.maximum(tl.cdiv(tile_end - tile_begin, NUM_SPLITS), MIN_TILES_PER_SPLIT)
         tile_begin = tile_begin + split * per_split
         tile_end = tl.minimum(tile_begin + per_split, tile_end)
+        if tile_begin >= tile_end:  # a spare partition: mark it empty for the reduce, which reads nothing else
+            part = ((q_start + row_tok).to(tl.int64) * num_q_heads + row_head) * NUM_SPLITS + split
+            tl.store(part_max_ptr + part, tl.full([BLOCK_M], float("-inf"), tl.float32), mask=row_valid)
+            return
+
+    d_k = tl.arange(0, D_K_PAD)
+    d_v = tl.arange(0, D_V_PAD)
+    q_rows = (q_start + row_tok).to(tl.int64) * stride_q_tok + row_head * stride_q_head
+    q = tl.load(
+        query_ptr + q_rows[:, None] + d_k[None, :],
+        mask=row_valid[:, None] & (d_k[None, :] < D_K),
+        other=0.0,
+    )
 
     # Online softmax in base 2. A sink is a logit with no value: with one pass it seeds the running max and
     # sum (exp2(sink - sink) = 1); with splits the reduce kernel adds it once instead.
@@ -216,7 +236,7 @@ def _paged_attention_kernel(
         )
         s = tl.dot(q, k.to(q.dtype), input_precision=DOT_PRECISION)
         if HAS_SOFTCAP:
-            s = softcap * _tanh(s * (scale / softcap)) * _LOG2E
+            s = _tanh(s * (scale / softcap), FAST_TANH) * (softcap * _LOG2E)
         else:
             s = s * (scale * _LOG2E)
         visible = key_valid[None, :] & (keys[None, :] <= row_pos[:, None])
@@ -246,7 +266,7 @@ def _paged_attention_kernel(
         out = acc / l_i[:, None]
         tl.store(out_ptr + out_rows[:, None] + d_v[None, :], out.to(out_ptr.dtype.element_ty), mask=out_mask)
     else:
-        # Partial state of (token, head, split); an empty partition stores m = -inf, l = 0, acc = 0.
+        # Partial state of (token, head, split); a row that saw no key here stores m = -inf, l = 0, acc = 0.
         part = ((q_start + row_tok).to(tl.int64) * num_q_heads + row_head) * NUM_SPLITS + split
         tl.store(part_max_ptr + part, m_i, mask=row_valid)
         tl.store(part_sum_ptr + part, l_i, mask=row_valid)
@@ -276,7 +296,9 @@ def _reduce_splits_kernel(
     split_valid = splits < NUM_SPLITS
     part = (token * num_q_heads + head) * NUM_SPLITS + splits
     m = tl.load(part_max_ptr + part, mask=split_valid, other=float("-inf"))
-    l = tl.load(part_sum_ptr + part, mask=split_valid, other=0.0)
+    # Empty partitions stored only their max (-inf); their sum and acc are never read.
+    seen = split_valid & (m > float("-inf"))
+    l = tl.load(part_sum_ptr + part, mask=seen, other=0.0)
     # Finite: the partition holding the query's own position always sees that key.
     m_max = tl.max(m, 0)
     if HAS_SINKS:
@@ -290,7 +312,7 @@ def _reduce_splits_kernel(
     d_v = tl.arange(0, D_V_PAD)
     acc = tl.load(
         part_acc_ptr + part[:, None] * D_V + d_v[None, :],
-        mask=split_valid[:, None] & (d_v[None, :] < D_V),
+        mask=seen[:, None] & (d_v[None, :] < D_V),
         other=0.0,
     )
     out = tl.sum(acc * weight[:, None], 0) / total
@@ -308,22 +330,32 @@ class AttentionPlan(NamedTuple):
     num_stages: int
     one_tile_per_seq: bool  # every sequence's queries fit one tile: no sequence search
     num_q_tiles: int  # grid axis 0 (an upper bound; spare tiles exit at once)
-    num_splits: int  # grid axis 2; > 1 runs the split-KV reduce
+    num_splits: int  # grid axis 2, an upper bound; > 1 runs the split-KV reduce
+    min_tiles_per_split: int  # a sequence uses at most cdiv(its key tiles, this) of the num_splits partitions
 
 
 def _tile_config(group: int, max_query_len: int, head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
     """(BLOCK_M, TILE_N, num_warps, num_stages) for Hopper-class GPUs.
 
     BLOCK_M covers the step's longest query times the GQA group, between 16 (the smallest ``tl.dot``) and 128
-    rows, so decodes waste few rows and long prefills get big MMA tiles.
+    rows, so decodes waste few rows and long prefills get big MMA tiles. Heads wider than 128 (Gemma's 256)
+    cap BLOCK_M at 64, since a 128 x 256 fp32 accumulator alone would fill the registers; their decode tiles
+    (16 rows) stream 64 keys per iteration in two stages, prefill tiles 32.
     """
     rows = min(max(triton.next_power_of_2(max_query_len * group), 16), 128)
     block_m = max(rows, triton.next_power_of_2(group))
-    tile_n = 64 if head_dim <= 128 else 32
+    wide_heads = head_dim > 128
+    if wide_heads:
+        block_m = min(block_m, max(64, triton.next_power_of_2(group)))
+        tile_n = 64 if block_m <= 16 else 32
+    else:
+        tile_n = 64
     if dtype == torch.float32:  # twice the bytes per element: keep registers and shared memory in budget
         block_m, tile_n = min(block_m, max(64, triton.next_power_of_2(group))), tile_n // 2
     if block_m >= 128:
         return block_m, tile_n, 8, 2
+    if wide_heads:
+        return block_m, tile_n, 8 if block_m >= 64 else 4, 2
     if block_m == 64:
         return block_m, tile_n, 4, 2
     return block_m, tile_n, 4, 3
@@ -334,12 +366,16 @@ class TritonAttentionBackend(AttentionBackend):
 
     ``split_kv`` forces the split-KV mode on (True) or off (False); None picks it when the step's query
     tiles times KV heads would leave the GPU's SMs idle and the longest sequence is long enough to split.
+    ``min_keys_per_split``: the fewest keys a partition is given (rounded up to whole key tiles).
     """
 
     name = "triton"
 
-    def __init__(self, split_kv: bool | None = None) -> None:
+    def __init__(self, split_kv: bool | None = None, min_keys_per_split: int = _MIN_KEYS_PER_SPLIT) -> None:
+        if min_keys_per_split < 1:
+            raise ValueError(f"min_keys_per_split must be at least 1, got {min_keys_per_split}")
         self.split_kv = split_kv
+        self.min_keys_per_split = min_keys_per_split
         self._sm_counts: dict[torch.device, int] = {}
         # Split-KV scratch by (device, rows, heads, splits, D_v). Never freed: a captured CUDA graph keeps
         # pointing at the buffer it was captured with. Rows are rounded up to a power of two to bound the count.
@@ -440,9 +476,11 @@ class TritonAttentionBackend(AttentionBackend):
             D_V=d_v,
             D_V_PAD=d_v_pad,
             NUM_SPLITS=num_splits,
+            MIN_TILES_PER_SPLIT=plan.min_tiles_per_split,
             ONE_TILE_PER_SEQ=plan.one_tile_per_seq,
             HAS_WINDOW=options.sliding_window is not None,
             HAS_SOFTCAP=options.softcap is not None,
+            FAST_TANH=query.is_cuda and not _INTERPRETED and query.dtype != torch.float32,
             HAS_SINKS=options.sinks is not None,
             # fp32 callers want fp32 accuracy, not TF32; 16-bit inputs ignore this.
             DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
@@ -486,24 +524,30 @@ class TritonAttentionBackend(AttentionBackend):
         one_tile_per_seq = metadata.max_query_len <= block_q
         num_seqs = metadata.num_seqs
         num_q_tiles = num_seqs if one_tile_per_seq else num_tokens // block_q + num_seqs
-        num_splits = self._num_splits(num_q_tiles * num_kv_heads, metadata.max_seq_len, tile_n, query.device)
+        min_tiles_per_split = triton.cdiv(self.min_keys_per_split, tile_n)
+        num_splits = self._num_splits(
+            num_q_tiles * num_kv_heads, triton.cdiv(metadata.max_seq_len, tile_n * min_tiles_per_split), query.device
+        )
         return AttentionPlan(
-            block_m, block_q, tile_n, num_warps, num_stages, one_tile_per_seq, num_q_tiles, num_splits
+            block_m, block_q, tile_n, num_warps, num_stages, one_tile_per_seq, num_q_tiles, num_splits,
+            min_tiles_per_split,
         )
 
-    def _num_splits(self, num_programs: int, max_seq_len: int, tile_n: int, device: torch.device) -> int:
-        """How many partitions to split each sequence's keys into (1: no split).
+    def _num_splits(self, num_programs: int, max_useful_splits: int, device: torch.device) -> int:
+        """How many partitions the grid splits sequences' keys into (1: no split).
 
-        Depends only on grid size and max_seq_len, never on tensor values, so a CUDA graph's choice is stable.
+        ``max_useful_splits``: as many as the longest sequence the step may hold can fill. Depends only on
+        grid size and the metadata's max_seq_len, never on tensor values, so a CUDA graph's choice is stable;
+        the kernel then uses fewer for shorter sequences.
         """
         if self.split_kv is False:
             return 1
         if self.split_kv:
-            return min(max(2, triton.cdiv(max_seq_len, tile_n)), _MAX_SPLITS)
+            return min(max(2, max_useful_splits), _MAX_SPLITS)
         target = _SPLIT_PROGRAMS_PER_SM * self._sm_count(device)
         if num_programs >= target:
             return 1
-        return max(1, min(triton.cdiv(target, num_programs), max_seq_len // _MIN_KEYS_PER_SPLIT, _MAX_SPLITS))
+        return max(1, min(triton.cdiv(target, num_programs), max_useful_splits, _MAX_SPLITS))
 
     def _sm_count(self, device: torch.device) -> int:
         if device.type != "cuda":

@@ -9,8 +9,11 @@ the largest batch). A graph reads its inputs from static buffers it was captured
 arrays into them and pads the batch up to the graph's size with rows that store nothing (slot -1) and
 attend to a single key of block 0, so padding never touches a real sequence's cache. The metadata's
 ``max_seq_len`` is fixed at ``max_model_len``, so the launch configuration the attention backend derives
-from it at capture time holds for any sequence. Only backends that read the step's metadata from device
-tensors alone can be captured: the torch reference loops over host lists and always runs eagerly.
+from it at capture time holds for any sequence; it is only an upper bound: the Triton kernel reads each
+sequence's length on the device and splits its keys into as many partitions as that length fills, so one
+graph per batch size serves short and long contexts alike, with no per-length graphs and no host sync. Only
+backends that read the step's metadata from device tensors alone can be captured: the torch reference loops
+over host lists and always runs eagerly.
 """
 
 from __future__ import annotations
