@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -237,11 +238,15 @@ def causal_lm_types_outside_the_attention_interface(limit: int = 2) -> list[tupl
 
 
 @pytest.mark.parametrize("model_type,hf_class", causal_lm_types_outside_the_attention_interface())
-@pytest.mark.parametrize("model_impl", ["auto", "transformers"])
-def test_hf_class_without_attention_backend_support_is_refused(model_type, hf_class, model_impl) -> None:
+def test_hf_class_without_attention_backend_support_goes_to_the_compat_tier(model_type, hf_class) -> None:
+    """The paged fallback declines it, saying why; auto serves it with the compat tier, forced fallback refuses."""
     config = AutoConfig.for_model(model_type)
-    with pytest.raises(ValueError, match=f"{hf_class} does not route attention.*_supports_attention_backend"):
-        resolve(config, model_impl=model_impl)
+    refusal = f"{hf_class} does not route attention.*_supports_attention_backend"
+    with pytest.raises(ValueError, match=refusal):
+        resolve(config, model_impl="transformers")
+    resolved = resolve(config)
+    assert resolved.model_impl == "compat"
+    assert re.search(refusal, resolved.reason) and "with its own attention and caches" in resolved.reason
 
 
 def test_config_without_a_causal_lm_class_is_refused() -> None:

@@ -68,6 +68,7 @@ def _check(
     block_size: int = 16,
     dtype: torch.dtype = torch.float32,
     sliding_window: int | None = None,
+    chunk_size: int | None = None,
     softcap: float | None = None,
     sinks: bool = False,
     split_kv: bool | None = None,
@@ -107,6 +108,7 @@ def _check(
         sliding_window=sliding_window,
         softcap=softcap,
         sinks=torch.randn(num_q_heads, generator=generator) if sinks else None,
+        chunk_size=chunk_size,
     )
 
     reference = TorchAttentionBackend()
@@ -156,6 +158,12 @@ def test_multi_head_long_prefill():
 
 def test_sliding_window_softcap_sinks():
     _check(**MIXED, sliding_window=7, softcap=5.0, sinks=True)
+
+
+@pytest.mark.parametrize("split_kv", [False, True])
+def test_chunked_attention(split_kv):
+    """Llama 4's chunked layers: a query sees only keys of its own chunk (prefills cross chunk boundaries)."""
+    _check(**MIXED, chunk_size=16, split_kv=split_kv)
 
 
 @pytest.mark.parametrize("window", [None, 20])

@@ -128,6 +128,7 @@ def _paged_attention_kernel(
     scale,
     softcap,
     sliding_window,
+    chunk_size,
     stride_q_tok,
     stride_q_head,
     stride_o_tok,
@@ -152,6 +153,7 @@ def _paged_attention_kernel(
     MIN_TILES_PER_SPLIT: tl.constexpr,
     ONE_TILE_PER_SEQ: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
+    HAS_CHUNK: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     FAST_TANH: tl.constexpr,
     HAS_SINKS: tl.constexpr,
@@ -189,6 +191,8 @@ def _paged_attention_kernel(
         kv_begin = tl.maximum(first_pos - sliding_window + 1, 0)
     else:
         kv_begin = first_pos * 0
+    if HAS_CHUNK:  # nothing before the first row's chunk either
+        kv_begin = tl.maximum(kv_begin, (first_pos // chunk_size) * chunk_size)
     tile_begin = kv_begin // TILE_N
     tile_end = tl.cdiv(kv_end, TILE_N)
     if NUM_SPLITS > 1:
@@ -242,6 +246,8 @@ def _paged_attention_kernel(
         visible = key_valid[None, :] & (keys[None, :] <= row_pos[:, None])
         if HAS_WINDOW:
             visible = visible & (row_pos[:, None] - keys[None, :] < sliding_window)
+        if HAS_CHUNK:
+            visible = visible & (keys[None, :] >= (row_pos[:, None] // chunk_size) * chunk_size)
         s = tl.where(visible, s, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -459,6 +465,7 @@ class TritonAttentionBackend(AttentionBackend):
             options.scale,
             options.softcap or 1.0,
             options.sliding_window or 0,
+            options.chunk_size or 1,
             query.stride(0),
             query.stride(1),
             out.stride(0),
@@ -479,6 +486,7 @@ class TritonAttentionBackend(AttentionBackend):
             MIN_TILES_PER_SPLIT=plan.min_tiles_per_split,
             ONE_TILE_PER_SEQ=plan.one_tile_per_seq,
             HAS_WINDOW=options.sliding_window is not None,
+            HAS_CHUNK=options.chunk_size is not None,
             HAS_SOFTCAP=options.softcap is not None,
             FAST_TANH=query.is_cuda and not _INTERPRETED and query.dtype != torch.float32,
             HAS_SINKS=options.sinks is not None,

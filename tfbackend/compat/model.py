@@ -35,6 +35,7 @@ from transformers import DynamicCache
 from tfbackend.attention import get_forward_context
 from tfbackend.compat.state import StateLayout, tensor_bytes
 from tfbackend.hf_classes import causal_lm_class, padding_unsafe_layer_types
+from tfbackend.kernels.hf_experts import use_fused_experts
 from tfbackend.model_interface import AttentionLayerSpec, CausalLM, SequenceStateSpec
 
 logger = logging.getLogger(__name__)
@@ -101,6 +102,7 @@ class CompatCausalLM(CausalLM):
         hf_class = causal_lm_class(hf_config)
         hf_model = hf_class.from_pretrained(model_dir, config=hf_config, dtype=dtype, device_map=str(device))
         hf_model.eval().requires_grad_(False)
+        use_fused_experts(hf_model)  # MoE experts through our fused kernel where it reproduces them; else HF's
         model = cls(hf_model)
         with torch.inference_mode():
             model._learn_layout()
