@@ -13,8 +13,7 @@ from tfbackend.tool_parsers import TOOL_PARSERS
 API_KEY_ENV = "TFBACKEND_API_KEY"
 DEFAULT_MAX_QUEUED_SEQS = 1024
 DEFAULT_MAX_BODY = "8MiB"
-DRAIN_S = 2.0  # on SIGTERM, how long requests in flight may run on before they are ended
-GRACEFUL_TIMEOUT_S = 5  # uvicorn's last resort after DRAIN_S: cancelling handlers mid-response
+GRACEFUL_TIMEOUT_S = 5  # uvicorn's last resort after the drain: cancelling handlers mid-response
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +70,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--max-request-body-size", type=human_int, default=DEFAULT_MAX_BODY,
                         help="largest request body in bytes, e.g. 8MiB; larger ones get 413")
+    parser.add_argument("--drain-timeout", type=float, default=2.0,
+                        help="on SIGTERM or Ctrl-C, seconds that requests in flight may still run before they are "
+                        f"ended (a 503, or an error event closing the stream); at most {GRACEFUL_TIMEOUT_S - 1}")
     parser.add_argument("--uvicorn-log-level", default="info", help="the HTTP server's log level",
                         choices=["critical", "error", "warning", "info", "debug", "trace"])
     add_engine_args(parser)
@@ -94,6 +96,8 @@ def run(args: argparse.Namespace) -> int:
     model = args.model or args.model_flag
     if args.enable_auto_tool_choice and args.tool_call_parser is None:
         raise ValueError("--enable-auto-tool-choice needs --tool-call-parser")
+    if not 0 <= args.drain_timeout <= GRACEFUL_TIMEOUT_S - 1:
+        raise ValueError(f"--drain-timeout must be between 0 and {GRACEFUL_TIMEOUT_S - 1} seconds")
     if args.max_queued_requests < 1:
         raise ValueError(f"--max-queued-requests must be positive, got {args.max_queued_requests}")
     chat_template = load_chat_template(args.chat_template)
@@ -130,14 +134,14 @@ def run(args: argparse.Namespace) -> int:
     )
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
                             timeout_graceful_shutdown=GRACEFUL_TIMEOUT_S)
-    _draining_server(config, state.engine).run()
+    _draining_server(config, state.engine, args.drain_timeout).run()
     return 0
 
 
-def _draining_server(config, engine):
-    """A uvicorn server that, on SIGTERM or Ctrl-C, lets requests in flight run for DRAIN_S seconds and then
-    stops the engine: they end at once (a 503, or an error event closing the stream), so every handler returns
-    by itself instead of being cancelled mid-response (which uvicorn reports with a traceback)."""
+def _draining_server(config, engine, drain_s: float):
+    """A uvicorn server that, on SIGTERM or Ctrl-C, lets requests in flight run for ``drain_s`` seconds and
+    then stops the engine: they end at once (a 503, or an error event closing the stream), so every handler
+    returns by itself instead of being cancelled mid-response (which uvicorn reports with a traceback)."""
     import threading
 
     import uvicorn
@@ -145,7 +149,7 @@ def _draining_server(config, engine):
     class DrainingServer(uvicorn.Server):
         def handle_exit(self, sig, frame) -> None:
             if not self.should_exit:
-                timer = threading.Timer(DRAIN_S, engine.stop)
+                timer = threading.Timer(drain_s, engine.stop)
                 timer.daemon = True
                 timer.start()
             super().handle_exit(sig, frame)

@@ -44,7 +44,8 @@ CLIENT_CLOSED = 499  # what the access log shows for a request whose client left
 
 @dataclass
 class PreparedPrompt:
-    token_ids: list[int]
+    token_ids: list[int] | None  # None for a prompt too long to run: only counted, never turned into a list
+    num_tokens: int
     text: str | None  # for echo
 
 
@@ -85,7 +86,8 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
     if best_of is not None:
         params = dataclasses.replace(params, n=best_of)
     _check_capacity(state, len(prompts) * params.n)
-    prepared = await run_off_loop(state, _tokenize_prompts, state, prompts, body.add_special_tokens, body.echo)
+    prepared = await run_off_loop(state, _tokenize_prompts, state, prompts, body.add_special_tokens, body.echo,
+                                  params.max_tokens)
     _check_context(state, prepared, params.max_tokens)
     await _compile(state, structured)
     choices = CompletionChoices(body.logprobs, [p.text or "" for p in prepared] if body.echo else None)
@@ -109,7 +111,7 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
     if tools.keep_special_tokens:
         params = dataclasses.replace(params, skip_special_tokens=False)
     _check_capacity(state, params.n)
-    prepared = await run_off_loop(state, _render_chat, state, body)
+    prepared = await run_off_loop(state, _render_chat, state, body, params.max_tokens)
     _check_context(state, [prepared], params.max_tokens)
     await _compile(state, structured)
     choices = ChatChoices(body.requested_logprobs if body.logprobs else None, tools.reader)
@@ -132,11 +134,11 @@ def _check_capacity(state: ServerState, num_seqs: int) -> None:
 def _check_context(state: ServerState, prompts: list[PreparedPrompt], max_tokens: int | None) -> None:
     """As vLLM: the prompt plus ``max_tokens`` must fit the context (without max_tokens, the prompt must)."""
     for prompt in prompts:
-        needed = len(prompt.token_ids) + (max_tokens or 1)
+        needed = prompt.num_tokens + (max_tokens or 1)
         if needed > state.max_model_len:
             asked = f" and {max_tokens} in the completion" if max_tokens is not None else ""
             raise APIError(400, f"This model's maximum context length is {state.max_model_len} tokens. However, "
-                           f"you requested {needed} tokens ({len(prompt.token_ids)} in the prompt{asked}). "
+                           f"you requested {needed} tokens ({prompt.num_tokens} in the prompt{asked}). "
                            "Reduce the length of the prompt or max_tokens.", param="max_tokens",
                            code="context_length_exceeded")
 
@@ -156,28 +158,44 @@ async def _compile(state: ServerState, structured: StructuredOutputsParams | Non
 
 
 def _tokenize_prompts(state: ServerState, prompts: list[str | list[int]], add_special_tokens: bool,
-                      echo: bool) -> list[PreparedPrompt]:
+                      echo: bool, max_tokens: int | None) -> list[PreparedPrompt]:
     tokenizer = state.tokenizer
     prepared = []
     for prompt in prompts:
         if isinstance(prompt, str):
             if tokenizer is None:
                 raise ValueError("this model has no tokenizer: send the prompt as token ids")
-            prepared.append(PreparedPrompt(tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"],
-                                           prompt))
+            prepared.append(_encode(state, prompt, add_special_tokens, max_tokens))
         else:
             if echo and tokenizer is None:
                 raise ValueError("echo of a token-id prompt needs a tokenizer; this model has none")
             if any(not 0 <= token < state.vocab_size for token in prompt):
                 raise ValueError(f"prompt token ids must be in [0, {state.vocab_size})")
-            prepared.append(PreparedPrompt(prompt, tokenizer.decode(prompt) if echo else None))
+            prepared.append(PreparedPrompt(prompt, len(prompt), tokenizer.decode(prompt) if echo else None))
     return prepared
 
 
-def _render_chat(state: ServerState, body: ChatCompletionRequest) -> PreparedPrompt:
+def _render_chat(state: ServerState, body: ChatCompletionRequest, max_tokens: int | None) -> PreparedPrompt:
     text = state.chat.render(body.messages, body.tools, body.add_generation_prompt, body.continue_final_message,
                              body.chat_template_kwargs)
-    return PreparedPrompt(state.tokenizer(text, add_special_tokens=body.add_special_tokens)["input_ids"], text)
+    return _encode(state, text, body.add_special_tokens, max_tokens)
+
+
+def _encode(state: ServerState, text: str, add_special_tokens: bool, max_tokens: int | None) -> PreparedPrompt:
+    """Tokenize ``text``; a prompt that cannot fit the context is only counted.
+
+    With a fast tokenizer the Rust encoding is counted before its ids become a Python list: building a list
+    of millions of ints holds the GIL long enough to stall the event loop, and is useless for a prompt that
+    will be refused anyway.
+    """
+    backend = getattr(state.tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        token_ids = state.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+        return PreparedPrompt(token_ids, len(token_ids), text)
+    # encode_batch, unlike encode, releases the GIL while it works.
+    encoding = backend.encode_batch([text], add_special_tokens=add_special_tokens)[0]
+    fits = len(encoding) + (max_tokens or 1) <= state.max_model_len
+    return PreparedPrompt(encoding.ids if fits else None, len(encoding), text)
 
 
 # --------------------------------------------------------------------------------------------- running
@@ -191,7 +209,10 @@ async def _respond(state: ServerState, request: Request, model: str, body: _Samp
     """
     request_id = f"{choices.id_prefix}-{uuid.uuid4().hex}"
     engine_ids = [f"{request_id}-{i}" for i in range(len(prompts))]
-    stream = await state.engine.generate(engine_ids, [p.token_ids for p in prompts], params)
+    try:
+        stream = await state.engine.generate(engine_ids, [p.token_ids for p in prompts], params)
+    except ValueError as exc:  # the engine's own checks of the prompt and parameters
+        raise APIError(400, str(exc)) from exc
     header = {"id": request_id, "object": choices.object, "created": int(time.time()), "model": model,
               "system_fingerprint": state.system_fingerprint}
     if body.stream:
