@@ -44,8 +44,12 @@ def test_json_schemas_are_followed_at_temperature(client: openai.OpenAI) -> None
 
 
 def test_json_object_mode_gives_an_object(client: openai.OpenAI) -> None:
-    response = client.chat.completions.create(model=SERVER_MODEL, messages=ASK, temperature=0.7, seed=3,
-                                              max_tokens=120, response_format={"type": "json_object"})
+    messages = [{"role": "user", "content": "Describe a cat as a JSON object with two fields."}]
+    response = client.chat.completions.create(
+        model=SERVER_MODEL, messages=messages, temperature=0, max_tokens=120, response_format={"type": "json_object"},
+        extra_body={"structured_outputs": {"disable_any_whitespace": True}},  # compact: this model loops on indents
+    )
+    assert response.choices[0].finish_reason == "stop"
     assert isinstance(json.loads(response.choices[0].message.content), dict)
 
 
@@ -75,8 +79,8 @@ def test_grammar_errors_are_400s(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError, match="invalid structured output regex"):
         client.completions.create(model=SERVER_MODEL, prompt="hi", extra_body={"guided_regex": "(unclosed"})
     with pytest.raises(openai.BadRequestError, match="one structured output constraint"):
-        client.completions.create(model=SERVER_MODEL, prompt="hi", response_format={"type": "json_object"},
-                                  extra_body={"guided_regex": "a+"})
+        client.completions.create(model=SERVER_MODEL, prompt="hi", extra_body={
+            "response_format": {"type": "json_object"}, "guided_regex": "a+"})
     with pytest.raises(openai.BadRequestError, match="min_tokens cannot be combined"):
         client.completions.create(model=SERVER_MODEL, prompt="hi", extra_body={"guided_regex": "a+", "min_tokens": 2})
     with pytest.raises(openai.BadRequestError, match="not supported by this server: guided_whitespace_pattern"):

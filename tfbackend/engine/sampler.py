@@ -187,12 +187,10 @@ def apply_logit_bias(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor
 
 def apply_grammars(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     """Forbid, in rows with a structured-output grammar, every token the grammar does not allow next."""
-    rows = [row for row, seq in enumerate(seqs) if seq.grammar is not None]
-    if not rows:
+    if all(seq.grammar is None for seq in seqs):
         return logits
-    bitmask = fill_token_bitmask([seqs[row].grammar for row in rows], logits.shape[-1])
-    device = logits.device
-    return apply_token_bitmask(logits, host_tensor(rows, torch.long, device), upload(bitmask, device))
+    bitmask = fill_token_bitmask([seq.grammar for seq in seqs], logits.shape[-1])
+    return apply_token_bitmask(logits, upload(bitmask, logits.device))
 
 
 def reads_token_history(params: SamplingParams) -> bool:

@@ -15,29 +15,29 @@ if TYPE_CHECKING:
     from tfbackend.structured_output.grammar import SequenceGrammar
 
 
-def fill_token_bitmask(grammars: list[SequenceGrammar], vocab_size: int) -> torch.Tensor:
-    """The next-token masks of ``grammars``, one row each, as a host int32 tensor."""
+def fill_token_bitmask(grammars: list[SequenceGrammar | None], vocab_size: int) -> torch.Tensor:
+    """One row per sampled sequence: its grammar's allowed next tokens, or every token (no grammar)."""
     bitmask = torch.full((len(grammars), (vocab_size + 31) // 32), -1, dtype=torch.int32)
-    if len(grammars) > 1:
-        _batch_matcher().batch_fill_next_token_bitmask([g.matcher for g in grammars], bitmask)
-    else:
-        grammars[0].fill_bitmask(bitmask, 0)
+    rows = [row for row, grammar in enumerate(grammars) if grammar is not None]
+    if len(rows) > 1:
+        _batch_matcher().batch_fill_next_token_bitmask([grammars[row].matcher for row in rows], bitmask, rows)
+    elif rows:
+        grammars[rows[0]].fill_bitmask(bitmask, rows[0])
     return bitmask
 
 
-def apply_token_bitmask(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
-    """``logits`` with the tokens that ``bitmask`` (on the device, one row per entry of ``rows``) forbids at -inf.
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """``logits`` ``[N, V]`` with every token that ``bitmask`` ``[N, ceil(V / 32)]`` (on the same device)
+    forbids at -inf.
 
-    The int32 words are read as little-endian bytes and each byte is spread into 8 booleans: a ``[rows, V]``
-    uint8 intermediate, never a per-token loop.
+    The int32 words are read as little-endian bytes and each byte is spread into 8 booleans: one ``[N, V]``
+    intermediate and one ``where``, never a loop over rows or tokens.
     """
     vocab_size = logits.shape[-1]
-    as_bytes = bitmask.contiguous().view(torch.uint8)  # [R, W * 4], token 8b + i is bit i of byte b
-    shifts = torch.arange(8, dtype=torch.uint8, device=logits.device)
-    allowed = ((as_bytes[:, :, None] >> shifts) & 1).flatten(1)[:, :vocab_size].bool()
-    logits = logits.clone()
-    logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))
-    return logits
+    bits = (1 << torch.arange(8, device=logits.device)).to(torch.uint8)
+    as_bytes = bitmask.contiguous().view(torch.uint8)  # byte b holds tokens 8b .. 8b + 7, lowest bit first
+    allowed = ((as_bytes[:, :, None] & bits) != 0).flatten(1)[:, :vocab_size]
+    return torch.where(allowed, logits, float("-inf"))
 
 
 @functools.cache
