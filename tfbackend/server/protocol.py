@@ -322,6 +322,8 @@ class ChatCompletionRequest(_SamplingFields):
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
     add_special_tokens: bool = False  # the template already writes the special tokens
+    echo: bool = False  # vLLM's: not implemented for chat
+    best_of: int | None = None  # vLLM's: not implemented for chat
     # OpenAI fields this server does not implement (text-only models, no hosted tools, no reasoning).
     audio: Any = None
     modalities: list[str] | None = None
@@ -338,6 +340,10 @@ class ChatCompletionRequest(_SamplingFields):
                 unsupported[name] = getattr(self, name)
         if self.modalities not in (None, ["text"]):
             unsupported["modalities"] = self.modalities
+        if self.echo:
+            unsupported["echo"] = self.echo
+        if self.best_of not in (None, self.n):
+            unsupported["best_of"] = self.best_of
         return unsupported
 
     @property
