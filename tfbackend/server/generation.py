@@ -128,6 +128,7 @@ def _check_capacity(state: ServerState, num_seqs: int) -> None:
         raise APIError(400, f"this request asks for {num_seqs} sequences (prompts x n), more than this server "
                        f"queues ({bound}, --max-queued-requests)", param="n")
     if state.engine.queue_is_full(num_seqs):
+        state.engine.metrics.request_done("rejected")
         raise QueueFull(f"the server is at capacity ({bound} sequences waiting); retry later")
 
 
