@@ -106,7 +106,8 @@ def test_no_parallel_calls_when_asked(client: openai.OpenAI) -> None:
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 def test_auto_tool_choice_reads_hermes_calls(client: openai.OpenAI, stream: bool) -> None:
     # The model is made to write a hermes-style call after some text, as a tool-trained model would.
-    forced = r'Let me check\.\n<tool_call>\n\{"name": "get_weather", "arguments": \{"city": "(Paris|Lyon)"\}\}\n</tool_call>'
+    forced = (r'Let me check\.\n<tool_call>\n\{"name": "get_weather", "arguments": \{"city": "(Paris|Lyon)"\}\}'
+              r'\n</tool_call>')
     result = create(client, stream, messages=QUESTION, tools=TOOLS, tool_choice="auto", temperature=0.7,
                     max_tokens=60, extra_body={"guided_regex": forced})
     assert result["content"] == "Let me check.\n"

@@ -1,8 +1,10 @@
-"""Turning logits into tokens on the device: penalties, temperature, top-k/top-p/min-p, seeded sampling.
+"""Turning logits into tokens on the device: penalties, logit bias, grammar masks, temperature, top-k/top-p/min-p,
+seeded sampling.
 
 Order (as vLLM): penalties on the raw logits -> ``logit_bias`` -> ``min_tokens`` masking of stop tokens ->
-the structured-output grammar's token mask -> greedy rows take the argmax; sampled rows are divided by their temperature, top-k and top-p filtered, softmaxed, min-p
-filtered and drawn with the exponential race (argmax of p / q, q ~ Exp(1)), which needs no host sync.
+the structured-output grammar's token mask -> greedy rows take the argmax; sampled rows are divided by their
+temperature, top-k and top-p filtered, softmaxed, min-p filtered and drawn with the exponential race (argmax
+of p / q, q ~ Exp(1)), which needs no host sync.
 Rows with a seed draw their noise from their own generator, so a seeded request samples the same tokens
 whatever else shares its batch. Logprobs are those of the raw model distribution.
 

@@ -69,7 +69,8 @@ class ServerMetrics:
                               "Engine requests by outcome: finished, aborted, failed, rejected.", ("status",))
         self._finished = make(Counter, ("tfbackend:request_success", "vllm:request_success"),
                               "Finished completions by finish reason (stop, length).", ("finished_reason",))
-        self._prompt_tokens = make(Counter, ("tfbackend:prompt_tokens", "vllm:prompt_tokens"), "Prompt tokens prefilled.")
+        self._prompt_tokens = make(Counter, ("tfbackend:prompt_tokens", "vllm:prompt_tokens"),
+                                   "Prompt tokens prefilled.")
         self._generation_tokens = make(Counter, ("tfbackend:generation_tokens", "vllm:generation_tokens"),
                                        "Tokens generated.")
         self._ttft = make(Histogram, ("tfbackend:time_to_first_token_seconds", "vllm:time_to_first_token_seconds"),

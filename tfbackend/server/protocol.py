@@ -16,6 +16,9 @@ from tfbackend.sampling_params import SamplingParams, StructuredOutputsParams
 
 MAX_LOGPROBS = 20  # OpenAI's limit for top_logprobs
 MAX_STOP_STRINGS = 256  # each one is searched after every token
+# vLLM's older spellings of structured_outputs: field -> the constraint it sets
+_GUIDED_FIELDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
+                  "guided_grammar": "grammar"}
 
 
 class _Body(BaseModel):
@@ -69,6 +72,16 @@ class ResponseFormat(_Body):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
 
+    def constraint(self) -> dict[str, Any]:
+        """The StructuredOutputsParams fields this format sets (none for ``text``)."""
+        if self.type == "text":
+            return {}
+        if self.type == "json_object":
+            return {"json_object": True}
+        if self.json_schema is None or self.json_schema.schema_ is None:
+            raise ValueError("response_format json_schema needs json_schema.schema")
+        return {"json": self.json_schema.schema_}
+
 
 class StructuredOutputsBody(_Body):
     """vLLM's ``structured_outputs`` field: one constraint, plus options."""
@@ -81,6 +94,12 @@ class StructuredOutputsBody(_Body):
     disable_any_whitespace: bool = False
     structural_tag: str | None = None
     whitespace_pattern: str | None = None
+
+    def constraint(self) -> dict[str, Any]:
+        """The StructuredOutputsParams fields this body sets (it may carry only options)."""
+        fields = {"json": self.json_, "json_object": self.json_object, "regex": self.regex, "choice": self.choice,
+                  "grammar": self.grammar}
+        return {name: value for name, value in fields.items() if value not in (None, False)}
 
 
 class _SamplingFields(_Request):
@@ -122,9 +141,8 @@ class _SamplingFields(_Request):
 
     def unsupported(self) -> dict[str, Any]:
         unsupported = super().unsupported()
-        for name in ("guided_whitespace_pattern",):
-            if getattr(self, name) is not None:
-                unsupported[name] = getattr(self, name)
+        if self.guided_whitespace_pattern is not None:
+            unsupported["guided_whitespace_pattern"] = self.guided_whitespace_pattern
         if self.guided_decoding_backend not in (None, "auto", "xgrammar"):
             unsupported["guided_decoding_backend"] = self.guided_decoding_backend
         if self.structured_outputs is not None:
@@ -135,35 +153,20 @@ class _SamplingFields(_Request):
 
     def structured_output_params(self) -> StructuredOutputsParams | None:
         """The one grammar constraint this request sets, from whichever of the synonyms it used."""
-        constraints: list[tuple[str, StructuredOutputsParams]] = []
-        compact = False
-        if self.structured_outputs is not None:
-            body = self.structured_outputs
-            compact = body.disable_any_whitespace
-            if any(v not in (None, False) for v in (body.json_, body.json_object, body.regex, body.choice,
-                                                    body.grammar)):
-                constraints.append(("structured_outputs", StructuredOutputsParams(
-                    json=body.json_, json_object=body.json_object or None, regex=body.regex,
-                    choice=body.choice, grammar=body.grammar, disable_any_whitespace=compact,
-                )))
-        for name, key in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
-                          ("guided_grammar", "grammar")):
+        found: dict[str, dict[str, Any]] = {}  # field that set a constraint -> its StructuredOutputsParams fields
+        if self.structured_outputs is not None and self.structured_outputs.constraint():
+            found["structured_outputs"] = self.structured_outputs.constraint()
+        for name, key in _GUIDED_FIELDS.items():
             if getattr(self, name) is not None:
-                constraints.append((name, StructuredOutputsParams(**{key: getattr(self, name)},
-                                                                  disable_any_whitespace=compact)))
-        if self.response_format is not None and self.response_format.type != "text":
-            constraints.append(("response_format", self.response_format_params(compact)))
-        if len(constraints) > 1:
-            raise ValueError(f"set one structured output constraint, got {', '.join(n for n, _ in constraints)}")
-        return constraints[0][1] if constraints else None
-
-    def response_format_params(self, compact: bool) -> StructuredOutputsParams:
-        response_format = self.response_format
-        if response_format.type == "json_object":
-            return StructuredOutputsParams(json_object=True, disable_any_whitespace=compact)
-        if response_format.json_schema is None or response_format.json_schema.schema_ is None:
-            raise ValueError("response_format json_schema needs json_schema.schema")
-        return StructuredOutputsParams(json=response_format.json_schema.schema_, disable_any_whitespace=compact)
+                found[name] = {key: getattr(self, name)}
+        if self.response_format is not None and self.response_format.constraint():
+            found["response_format"] = self.response_format.constraint()
+        if len(found) > 1:
+            raise ValueError(f"set one structured output constraint, got {', '.join(found)}")
+        if not found:
+            return None
+        compact = self.structured_outputs is not None and self.structured_outputs.disable_any_whitespace
+        return StructuredOutputsParams(**next(iter(found.values())), disable_any_whitespace=compact)
 
     def sampling_params(
         self, max_tokens: int | None, logprobs: int | None, defaults: dict[str, Any],

@@ -107,15 +107,14 @@ class ChatChoices(Choices):
 
     def delta(self, index: int, prompt_index: int, completion: CompletionOutput, progress: ChoiceProgress
               ) -> dict | None:
+        finish_reason = completion.finish_reason
         if self.tools is None:
             text = completion.text[progress.chars:]
             delta: dict = {"content": text} if text else {}
-            finish_reason = completion.finish_reason
         else:
             if progress.tool_stream is None:
                 progress.tool_stream = ToolCallStream(self.tools)
             delta = progress.tool_stream.delta(completion.text, completion.finished)
-            finish_reason = completion.finish_reason
             if completion.finished and progress.tool_stream.num_calls:
                 finish_reason = self.tools.finish_reason(finish_reason)
         if not delta and not completion.finished:

@@ -62,4 +62,5 @@ def load_generation_defaults(source: str, model_dir: str | Path) -> dict[str, An
             return {}
         raise ValueError(f"--generation-config {source!r}: no generation_config.json in that folder")
     config = json.loads(path.read_text())
-    return {ours: config[theirs] for theirs, ours in GENERATION_DEFAULT_FIELDS.items() if config.get(theirs) is not None}
+    return {ours: config[theirs] for theirs, ours in GENERATION_DEFAULT_FIELDS.items()
+            if config.get(theirs) is not None}
