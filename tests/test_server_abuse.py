@@ -105,7 +105,8 @@ def test_queue_full_gets_429_then_recovers(server: Server) -> None:
             time.sleep(0.05)
         refused = httpx.post(f"{server.url}/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=30)
         assert refused.status_code == 429 and refused.headers["Retry-After"] == "1"
-        too_big = httpx.post(f"{server.url}/v1/completions", json={"prompt": "hi", "n": MAX_QUEUED + 1}, timeout=30)
+        too_big = httpx.post(f"{server.url}/v1/completions", json={"prompt": "hi", "n": MAX_NUM_SEQS + MAX_QUEUED + 1},
+                             timeout=30)
         assert too_big.status_code == 400  # can never fit: not worth a retry
         assert [future.result().status_code for future in running] == [200, 200, 200]
     assert httpx.post(f"{server.url}/v1/completions", json={"prompt": "hi", "max_tokens": 2}).status_code == 200

@@ -66,7 +66,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="the format the model writes tool calls in")
     parser.add_argument(
         "--max-queued-requests", type=int, default=DEFAULT_MAX_QUEUED_SEQS,
-        help="most sequences waiting for the engine (a request with n completions counts n); more get 429",
+        help="most sequences waiting for a place in the batch (a request with n completions counts n); more get 429",
     )
     parser.add_argument("--max-request-body-size", type=human_int, default=DEFAULT_MAX_BODY,
                         help="largest request body in bytes, e.g. 8MiB; larger ones get 413")
@@ -111,7 +111,8 @@ def run(args: argparse.Namespace) -> int:
     tool_parser = get_tool_parser(args.tool_call_parser) if args.tool_call_parser else None
     fingerprint = hashlib.sha256(f"{model_path}|{engine.model_impl}|{engine.dtype}".encode()).hexdigest()[:12]
     state = ServerState(
-        engine=AsyncEngine(engine, ServerMetrics(names[0]), max_queued_seqs=args.max_queued_requests),
+        engine=AsyncEngine(engine, ServerMetrics(names[0]), max_queued_seqs=args.max_queued_requests,
+                           max_running_seqs=engine.scheduler.max_num_seqs),
         served_model_names=names,
         model_path=str(model_path),
         max_model_len=engine.max_model_len,

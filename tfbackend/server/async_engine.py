@@ -7,8 +7,9 @@ Each request's outputs travel back to its handler through an ``asyncio.Queue`` f
 ``loop.call_soon_threadsafe``. A failing ``step`` fails the requests in flight, never the thread; should the
 thread end anyway, everything in flight and every later submission fails at once instead of hanging.
 
-The waiting queue is bounded (``max_queued_seqs``): a submission that would queue more sequences than that
-is refused with ``QueueFull`` (the server's 429), so overload turns into fast refusals, not hour-long waits.
+The waiting queue is bounded (``max_queued_seqs``): a submission that would leave more sequences than that
+waiting, once the batch's free slots have taken theirs, is refused with ``QueueFull`` (the server's 429), so
+overload turns into fast refusals, not hour-long waits.
 """
 
 from __future__ import annotations
@@ -141,12 +142,15 @@ class RequestStream:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, metrics: ServerMetrics, max_queued_seqs: int | None = None) -> None:
-        """``max_queued_seqs``: most sequences waiting for admission (None: unbounded)."""
+    def __init__(self, engine: LLMEngine, metrics: ServerMetrics, max_queued_seqs: int | None = None,
+                 max_running_seqs: int = 0) -> None:
+        """``max_queued_seqs``: most sequences waiting for admission (None: unbounded); ``max_running_seqs``:
+        the engine's batch size (``max_num_seqs``), whose free slots take waiting sequences at the next step."""
         self.engine = engine
         self.metrics = metrics
         self.max_queued_seqs = max_queued_seqs
-        self.num_waiting = 0  # sequences waiting at the last step, for a cheap early refusal
+        self.max_running_seqs = max_running_seqs
+        self._last_counts = (0, 0)  # (running, waiting) sequences at the last step, for a cheap early refusal
         self._commands: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
         self._requests: dict[str, _Tracked] = {}
         self._stopped = False
@@ -172,8 +176,14 @@ class AsyncEngine:
         return self._thread.is_alive() and not self._stopped
 
     def queue_is_full(self, num_seqs: int) -> bool:
-        """Whether ``num_seqs`` more waiting sequences would exceed the bound, as of the last step."""
-        return self.max_queued_seqs is not None and self.num_waiting + num_seqs > self.max_queued_seqs
+        """Whether ``num_seqs`` more sequences would overflow the waiting queue, as of the last step."""
+        return self._overflows(num_seqs, *self._last_counts)
+
+    def _overflows(self, num_seqs: int, num_running: int, num_waiting: int) -> bool:
+        if self.max_queued_seqs is None:
+            return False
+        free_slots = max(self.max_running_seqs - num_running, 0)
+        return num_waiting + num_seqs - free_slots > self.max_queued_seqs
 
     async def generate(
         self, request_ids: Sequence[str], prompts: Sequence[Prompt], params: SamplingParams
@@ -239,7 +249,8 @@ class AsyncEngine:
                     self.metrics.request_done("aborted")
             return
         num_seqs = len(command.prompts) * command.params.n
-        if self.max_queued_seqs is not None and self.engine.stats().num_waiting + num_seqs > self.max_queued_seqs:
+        stats = self.engine.stats() if self.max_queued_seqs is not None else None
+        if stats is not None and self._overflows(num_seqs, stats.num_running, stats.num_waiting):
             self.metrics.request_done("rejected", len(command.request_ids))
             command.sink.put(QueueFull(f"the server is at capacity ({self.max_queued_seqs} sequences waiting)"))
             return
@@ -310,7 +321,7 @@ class AsyncEngine:
     def _record_stats(self) -> None:
         try:
             stats = self.engine.stats()
-            self.num_waiting = stats.num_waiting
+            self._last_counts = (stats.num_running, stats.num_waiting)
             self.metrics.engine_stats(stats)
         except Exception:
             logger.exception("engine.stats() failed")

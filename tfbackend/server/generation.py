@@ -124,9 +124,10 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
 def _check_capacity(state: ServerState, num_seqs: int) -> None:
     """A request bigger than the whole queue can never run (400); one that does not fit now, later (429)."""
     bound = state.engine.max_queued_seqs
-    if bound is not None and num_seqs > bound:
-        raise APIError(400, f"this request asks for {num_seqs} sequences (prompts x n), more than this server "
-                       f"queues ({bound}, --max-queued-requests)", param="n")
+    if bound is not None and num_seqs > bound + state.engine.max_running_seqs:
+        raise APIError(400, f"this request asks for {num_seqs} sequences (prompts x n), more than this server runs "
+                       f"and queues ({state.engine.max_running_seqs} + {bound}: --max-num-seqs, "
+                       "--max-queued-requests)", param="n")
     if state.engine.queue_is_full(num_seqs):
         state.engine.metrics.request_done("rejected")
         raise QueueFull(f"the server is at capacity ({bound} sequences waiting); retry later")
