@@ -32,3 +32,30 @@ def smollm2_dir() -> Path:
 
     cache = os.environ.get("TFBACKEND_TEST_CACHE") or Path(__file__).parent.parent / ".cache" / "test-models"
     return resolve_model(None, cache_dir=cache, progress=False)
+
+
+@pytest.fixture(scope="session")
+def smollm2_server(smollm2_dir: Path):
+    """The default model behind a real `tfbackend serve` process, shared by every tests/test_server*.py module."""
+    from tests.server_process import SERVER_API_KEY, SERVER_MAX_MODEL_LEN, SERVER_MODEL, serve
+
+    flags = ["--max-model-len", str(SERVER_MAX_MODEL_LEN), "--kv-cache-memory", "128MiB",
+             "--served-model-name", SERVER_MODEL, "--api-key", SERVER_API_KEY,
+             "--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
+    with serve(smollm2_dir, *flags) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def tiny_text_model(tmp_path_factory, smollm2_dir: Path) -> Path:
+    """A tiny random Llama with SmolLM2's tokenizer and chat template: real text, milliseconds per step."""
+    from transformers import AutoTokenizer
+
+    from tests.tiny_models import make_checkpoint
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    path = tmp_path_factory.mktemp("tiny-text-model")
+    make_checkpoint("llama", path, vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
+                    max_position_embeddings=1024)
+    tokenizer.save_pretrained(path)
+    return path

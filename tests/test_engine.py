@@ -183,14 +183,14 @@ def test_eos_stops_and_min_tokens_holds_it_back(eos_checkpoint, greedy_reference
     engine = make_engine(eos_checkpoint)
     assert engine.eos_token_ids == {eos}
     out = run(engine, {"r": (PROMPT, SamplingParams(temperature=0.0, max_tokens=10))})["r"].outputs[0]
-    assert out.token_ids == [eos] and out.finish_reason == "stop" and out.stop_reason == eos
+    assert out.token_ids == [eos] and out.finish_reason == "stop" and out.stop_reason is None
 
     params = SamplingParams(temperature=0.0, max_tokens=10, min_tokens=4)
     out = run(make_engine(eos_checkpoint), {"r": (PROMPT, params)})["r"].outputs[0]
     assert len(out.token_ids) > 4 and eos not in out.token_ids[:4]
     # Once allowed, EOS (still the favourite of this model here) ends the sequence.
     assert out.token_ids[-1] == eos and eos not in out.token_ids[:-1]
-    assert out.finish_reason == "stop" and out.stop_reason == eos
+    assert out.finish_reason == "stop" and out.stop_reason is None
 
     ignore = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
     out = run(make_engine(eos_checkpoint), {"r": (PROMPT, ignore)})["r"].outputs[0]

@@ -1,24 +1,18 @@
 """End-to-end tests of ``tfbackend serve``: a real server process on CPU, driven by the official OpenAI client.
 
-One server is shared by the module (startup loads the model, ~10 s). Greedy decoding (temperature 0) makes
-outputs comparable across requests; prompts are picked so the greedy choice is confident, because batching
-changes float32 rounding slightly.
+One server (the default model, ``smollm2_server`` in conftest.py) is shared by every tests/test_server*.py
+module: startup loads the model, ~10 s. Greedy decoding (temperature 0) makes outputs comparable across
+requests; prompts are picked so the greedy choice is confident, because batching changes float32 rounding.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import re
-import socket
-import subprocess
-import sys
-import tempfile
+import statistics
+import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
@@ -26,81 +20,22 @@ import openai
 import pytest
 from transformers import AutoTokenizer
 
+from tests.server_process import SERVER_API_KEY as API_KEY
+from tests.server_process import SERVER_MAX_MODEL_LEN as MAX_MODEL_LEN
+from tests.server_process import SERVER_MODEL as MODEL
+from tests.server_process import Server
 from tfbackend.outputs import CompletionOutput, RequestOutput
 from tfbackend.sampling_params import SamplingParams
 from tfbackend.server.async_engine import AsyncEngine, EngineError
 from tfbackend.server.metrics import ServerMetrics
 
-API_KEY = "test-key"
-MODEL = "smollm2"
-MAX_MODEL_LEN = 512
-STARTUP_TIMEOUT_S = 120
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-@dataclass
-class Server:
-    url: str
-    model_dir: Path
-
-    def metric(self, name: str, **labels: str) -> float:
-        """The value of one sample of /metrics (summed over label sets not pinned by ``labels``)."""
-        text = httpx.get(f"{self.url}/metrics").text
-        total, found = 0.0, False
-        for line in text.splitlines():
-            match = re.match(rf"^{re.escape(name)}(?:{{(.*)}})? (\S+)$", line)
-            if match and all(f'{k}="{v}"' in (match.group(1) or "") for k, v in labels.items()):
-                total, found = total + float(match.group(2)), True
-        assert found or labels, f"{name} missing from /metrics"
-        return total
-
-    def wait_idle(self, timeout: float = 20.0) -> None:
-        """Poll /metrics until no KV block is held; the engine thread updates it right after each step."""
-        deadline = time.monotonic() + timeout
-        while self.metric("tfbackend:kv_cache_blocks_used") != 0:
-            assert time.monotonic() < deadline, "KV blocks still in use"
-            time.sleep(0.1)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
 @pytest.fixture(scope="module")
-def server(smollm2_dir: Path) -> Iterator[Server]:
-    port = _free_port()
-    command = [
-        sys.executable, "-m", "tfbackend.entrypoints.cli", "serve", str(smollm2_dir),
-        "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--dtype", "float32",
-        "--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-memory", "128MiB",
-        "--served-model-name", MODEL, "--api-key", API_KEY,
-    ]
-    # A file, not a pipe: nobody reads the pipe while tests run, and a full pipe would block the server.
-    with tempfile.TemporaryFile("w+") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + STARTUP_TIMEOUT_S
-            while True:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    log.seek(0)
-                    pytest.fail(f"server did not come up (exit code {proc.poll()}):\n{log.read()[-4000:]}")
-                try:
-                    if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.25)
-            yield Server(url, smollm2_dir)
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+def server(smollm2_server: Server) -> Server:
+    return smollm2_server
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +46,14 @@ def client(server: Server) -> openai.OpenAI:
 @pytest.fixture(scope="module")
 def tokenizer(server: Server):
     return AutoTokenizer.from_pretrained(server.model_dir)
+
+
+def post(server: Server, path: str, body: dict | str | bytes, **kwargs) -> httpx.Response:
+    """A raw POST (for bodies the OpenAI client would refuse to send)."""
+    content = body if isinstance(body, (str, bytes)) else json.dumps(body)
+    headers = {**AUTH, "Content-Type": "application/json"}
+    return httpx.post(f"{server.url}{path}", content=content, headers=headers, timeout=kwargs.pop("timeout", 60),
+                      **kwargs)
 
 
 def test_chat_answers_capital_of_france(client: openai.OpenAI) -> None:
@@ -208,13 +151,31 @@ def test_chat_logprobs(client: openai.OpenAI) -> None:
         ("chat/completions", '{"messages": [{"role": "wizard", "content": "hi"}]}', 400),
         ("completions", '{"prompt": ["hi", [1, 2]]}', 400),
         ("chat/completions", '{"messages": "hi"}', 400),
+        # Found by trying the server as an attacker would; each once answered 200, 500 or never.
+        ("completions", '{"prompt": "hi", "n": 100000}', 400),
+        ("completions", '{"prompt": "hi", "n": 1000000000000}', 400),
+        ("completions", '{"prompt": "hi", "max_tokens": ' + str(MAX_MODEL_LEN) + "}", 400),  # prompt + it > context
+        ("completions", '{"prompt": "hi", "temperature": 1e9}', 400),
+        ("completions", '{"prompt": "hi", "temperature": Infinity}', 400),
+        ("completions", '{"prompt": "hi", "temperature": NaN}', 400),
+        ("completions", '{"prompt": "hi", "seed": ' + str(2**70) + "}", 400),
+        ("completions", '{"prompt": "\\ud800 lone surrogate"}', 400),
+        ("chat/completions", '{"messages": [{"role": "user", "content": "hi \\udfff"}]}', 400),
+        ("completions", '{"prompt": "hi", "suffix": "bye"}', 400),
+        ("completions", '{"prompt": "hi", "n": 3, "best_of": 2}', 400),
+        ("completions", '{"prompt": "hi", "best_of": 3, "stream": true}', 400),
+        ("completions", '{"prompt": "hi", "echo": true, "logprobs": 1}', 400),
+        ("completions", '{"prompt": "hi", "logit_bias": {"999999999": 5}}', 400),
+        ("completions", '{"prompt": "hi", "logit_bias": {"hello": 5}}', 400),
+        ("chat/completions", '{"messages": [{"role": "user", "content": "hi"}], "audio": {"voice": "x"}}', 400),
+        ("chat/completions", '{"messages": [{"role": "user", "content": "hi"}], "functions": [{"name": "f"}]}', 400),
+        ("chat/completions",
+         '{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}', 400),
+        ("chat/completions", '{"messages": [{"role": "user", "content": "hi"}], "tool_choice": "required"}', 400),
     ],
 )
 def test_bad_requests_get_openai_errors(server: Server, path: str, body: str, status: int) -> None:
-    response = httpx.post(
-        f"{server.url}/v1/{path}", content=body,
-        headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"},
-    )
+    response = post(server, f"/v1/{path}", body)
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert error["message"] and set(error) == {"message", "type", "param", "code"}
@@ -231,8 +192,7 @@ def test_server_survives_bad_requests(client: openai.OpenAI) -> None:
 def test_client_disconnect_mid_stream_frees_blocks(server: Server) -> None:
     aborted_before = server.metric("tfbackend:requests_total", status="aborted")
     body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": True, "stream": True}
-    headers = {"Authorization": f"Bearer {API_KEY}"}
-    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, headers=headers, timeout=60) as response:
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, headers=AUTH, timeout=60) as response:
         assert response.status_code == 200
         events = 0
         for line in response.iter_lines():
@@ -244,13 +204,158 @@ def test_client_disconnect_mid_stream_frees_blocks(server: Server) -> None:
     assert server.metric("tfbackend:requests_total", status="aborted") >= aborted_before + 1
 
 
-def test_api_key_required_on_v1_only(server: Server) -> None:
+def test_api_key_required_except_on_open_routes(server: Server) -> None:
     wrong = openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         wrong.models.list()
     assert httpx.post(f"{server.url}/v1/completions", json={"prompt": "hi"}).status_code == 401
-    assert httpx.get(f"{server.url}/health").status_code == 200
-    assert httpx.get(f"{server.url}/metrics").status_code == 200
+    assert httpx.post(f"{server.url}/tokenize", json={"prompt": "hi"}).status_code == 401
+    for open_route in ("/health", "/metrics", "/version"):
+        assert httpx.get(f"{server.url}{open_route}").status_code == 200
+
+
+def test_error_messages_name_the_problem(server: Server, client: openai.OpenAI) -> None:
+    surrogate = post(server, "/v1/chat/completions", '{"messages": [{"role": "user", "content": "hi \\ud800"}]}')
+    assert "messages.0.content contains a lone UTF-16 surrogate" in surrogate.json()["error"]["message"]
+    with pytest.raises(openai.BadRequestError, match="maximum context length is 512 tokens") as error:
+        client.completions.create(model=MODEL, prompt="hi", max_tokens=MAX_MODEL_LEN)
+    assert error.value.code == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError, match="n must be between 1 and 128"):
+        client.completions.create(model=MODEL, prompt="hi", n=10**12)
+    with pytest.raises(openai.BadRequestError, match="image_url.*text-only"):
+        client.chat.completions.create(model=MODEL, messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}])
+    with pytest.raises(openai.BadRequestError, match="not supported by this server: suffix"):
+        client.completions.create(model=MODEL, prompt="hi", suffix="bye")
+
+
+def test_openapi_documents_the_400_it_sends(server: Server) -> None:
+    schema = httpx.get(f"{server.url}/openapi.json").json()
+    for path in ("/v1/completions", "/v1/chat/completions", "/tokenize"):
+        responses = schema["paths"][path]["post"]["responses"]
+        assert "400" in responses and "422" not in responses
+        assert responses["400"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
+    assert "429" in schema["paths"]["/v1/completions"]["post"]["responses"]
+
+
+def test_huge_body_gets_413_before_it_is_read(server: Server) -> None:
+    body = b'{"prompt": "' + b"a" * (9 * 2**20) + b'"}'  # over the default 8 MiB limit
+    response = post(server, "/v1/completions", body)
+    assert response.status_code == 413 and "limit" in response.json()["error"]["message"]
+
+    def chunked():  # no Content-Length: the server counts what arrives
+        yield b'{"prompt": "'
+        for _ in range(9):
+            yield b"a" * 2**20
+        yield b'"}'
+
+    response = httpx.post(f"{server.url}/v1/completions", content=chunked(), headers=AUTH, timeout=60)
+    assert response.status_code == 413
+
+
+def test_health_answers_while_a_large_body_is_tokenized(server: Server) -> None:
+    text = "The quick brown fox jumps over the lazy dog. " * 40000  # 1.8 MB, about 400k tokens: seconds of work
+    result = {}
+
+    def send() -> None:
+        started = time.monotonic()
+        result["response"] = post(server, "/v1/completions", {"prompt": text, "max_tokens": 1}, timeout=120)
+        result["seconds"] = time.monotonic() - started
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    latencies = []
+    with httpx.Client() as health:
+        while sender.is_alive():
+            started = time.monotonic()
+            assert health.get(f"{server.url}/health", timeout=10).status_code == 200
+            latencies.append(time.monotonic() - started)
+            time.sleep(0.02)
+    assert result["response"].status_code == 400  # far beyond the context, found only by tokenizing it
+    assert "400002 tokens" in result["response"].json()["error"]["message"]
+    assert result["seconds"] > 0.5 and len(latencies) >= 5
+    assert statistics.quantiles(latencies, n=10)[-1] < 0.1, latencies  # 90% within 100 ms on a shared CPU
+    assert max(latencies) < 1.0, latencies  # and never the seconds the tokenization takes
+
+
+def test_non_streamed_disconnect_aborts_and_frees_blocks(server: Server) -> None:
+    aborted_before = server.metric("tfbackend:requests_total", status="aborted")
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": True, "n": 3}
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
+        post(server, "/v1/completions", body, timeout=1.5)
+    server.wait_idle(timeout=30)
+    assert server.metric("tfbackend:requests_total", status="aborted") >= aborted_before + 1
+    assert server.metric("tfbackend:requests_total", status="finished") >= 1  # the server carries on
+
+
+def test_vllm_utility_routes(server: Server, client: openai.OpenAI, tokenizer) -> None:
+    assert httpx.get(f"{server.url}/version").json()["version"]
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-model")
+
+    tokens = post(server, "/tokenize", {"prompt": "Hello world", "return_token_strs": True}).json()
+    assert tokens["tokens"] == tokenizer("Hello world")["input_ids"] and tokens["count"] == len(tokens["tokens"])
+    assert tokens["max_model_len"] == MAX_MODEL_LEN and len(tokens["token_strs"]) == tokens["count"]
+    chat_tokens = post(server, "/tokenize", {"messages": QUESTION}).json()["tokens"]
+    assert chat_tokens == tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True)["input_ids"]
+    assert post(server, "/detokenize", {"tokens": tokens["tokens"]}).json() == {"prompt": "Hello world"}
+    assert post(server, "/detokenize", {"tokens": [10**9]}).status_code == 400
+
+
+def test_stop_reason_and_system_fingerprint(client: openai.OpenAI) -> None:
+    by_string = client.completions.create(model=MODEL, prompt="1, 2, 3, 4,", max_tokens=10, temperature=0,
+                                          stop=[" 6"])
+    choice = by_string.choices[0]
+    assert choice.finish_reason == "stop" and choice.model_extra["stop_reason"] == " 6"
+    assert choice.text.strip() == "5,"
+    by_eos = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=60)
+    assert by_eos.choices[0].finish_reason == "stop" and by_eos.choices[0].model_extra["stop_reason"] is None
+    assert by_string.system_fingerprint and by_string.system_fingerprint == by_eos.system_fingerprint
+    chunks = list(client.completions.create(model=MODEL, prompt="Hello", max_tokens=3, stream=True))
+    assert {chunk.system_fingerprint for chunk in chunks} == {by_string.system_fingerprint}
+
+
+def test_echo_puts_the_prompt_first(client: openai.OpenAI) -> None:
+    plain = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=4, temperature=0)
+    echoed = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=4, temperature=0,
+                                       echo=True)
+    assert echoed.choices[0].text == "The capital of France is" + plain.choices[0].text
+    streamed = client.completions.create(model=MODEL, prompt=[504, 3575, 282], max_tokens=4, temperature=0,
+                                         echo=True, stream=True)
+    text = "".join(chunk.choices[0].text for chunk in streamed)
+    assert text.startswith("The capital of")
+
+
+def test_logit_bias_steers_sampling(client: openai.OpenAI, tokenizer) -> None:
+    forced = tokenizer(" banana", add_special_tokens=False)["input_ids"][-1]
+    response = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=3,
+                                         temperature=0, logit_bias={str(forced): 100}, logprobs=0)
+    assert response.choices[0].text == " banana" * 3
+    plain = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=1, temperature=0)
+    greedy = tokenizer(plain.choices[0].text, add_special_tokens=False)["input_ids"][0]
+    banned = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=1,
+                                       temperature=0, logit_bias={str(greedy): -100})
+    assert banned.choices[0].text != plain.choices[0].text
+
+
+def test_best_of_returns_the_most_likely_completions(client: openai.OpenAI) -> None:
+    common = dict(model=MODEL, prompt="Once upon a time", max_tokens=6, temperature=1.0, seed=11, logprobs=0)
+    every = client.completions.create(n=4, **common)  # the same four candidates best_of=4 draws (same seeds)
+    ranked = sorted((sum(c.logprobs.token_logprobs), c.text) for c in every.choices)
+    best = client.completions.create(n=2, best_of=4, **common)
+    assert [c.text for c in best.choices] == [text for _, text in ranked[::-1][:2]]
+    assert [c.index for c in best.choices] == [0, 1]
+    assert best.usage.completion_tokens == 4 * 6  # every candidate was generated
+
+
+def test_vllm_metric_names_alongside_ours(server: Server) -> None:
+    for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
+                 "vllm:prompt_tokens_total", "vllm:generation_tokens_total", "vllm:request_success_total",
+                 "vllm:time_to_first_token_seconds_count", "vllm:inter_token_latency_seconds_count",
+                 "vllm:e2e_request_latency_seconds_count"):
+        server.metric(name)
+    assert server.metric("vllm:generation_tokens_total") == server.metric("tfbackend:generation_tokens_total") > 0
 
 
 class _FlakyEngine:

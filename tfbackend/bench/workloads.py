@@ -17,7 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from tfbackend.llm import LLM
-from tfbackend.sampling_params import SamplingParams
+from tfbackend.sampling_params import SamplingParams, StructuredOutputsParams
 
 
 @dataclass
@@ -70,20 +70,25 @@ class LatencyResult:
     step_s: float  # one decode step: every sequence of the batch gains one token
 
 
-def greedy(output_len: int) -> SamplingParams:
-    return SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+def greedy(output_len: int, structured: StructuredOutputsParams | None = None) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True, structured_outputs=structured)
 
 
-def run_throughput(llm: LLM, workload: ThroughputWorkload, vocab_size: int) -> ThroughputResult:
+def run_throughput(llm: LLM, workload: ThroughputWorkload, vocab_size: int,
+                   structured: StructuredOutputsParams | None = None) -> ThroughputResult:
+    """``structured``: a grammar every request's output must follow (T1 with structured outputs); a grammar
+    may end an output before ``output_len`` tokens, so only then are fewer tokens accepted."""
     # Warm-up: as many prompts drawn the same way (other seed), a few tokens each, so every kind of step (long
-    # prefill chunks, mixed steps, decode at every batch size) has run once before timing.
-    llm.generate([{"prompt_token_ids": p} for p in workload.prompts(vocab_size, seed_offset=1)], greedy(4))
+    # prefill chunks, mixed steps, decode at every batch size) has run once before timing (and the grammar is
+    # compiled).
+    llm.generate([{"prompt_token_ids": p} for p in workload.prompts(vocab_size, seed_offset=1)], greedy(4, structured))
     prompts = workload.prompts(vocab_size)
     start = time.perf_counter()
-    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy(workload.output_len), use_tqdm=True)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy(workload.output_len, structured),
+                           use_tqdm=True)
     elapsed = time.perf_counter() - start
     produced = sum(len(o.outputs[0].token_ids) for o in outputs)
-    if produced != workload.num_requests * workload.output_len:
+    if structured is None and produced != workload.num_requests * workload.output_len:
         raise RuntimeError(f"expected {workload.num_requests * workload.output_len} output tokens, got {produced}")
     return ThroughputResult(elapsed, len(prompts), sum(map(len, prompts)), produced)
 

@@ -32,6 +32,7 @@ from tfbackend.outputs import RequestOutput
 from tfbackend.hf_classes import load_hf_config
 from tfbackend.registry import load_model
 from tfbackend.sampling_params import SamplingParams
+from tfbackend.structured_output import GrammarCompiler
 
 logger = logging.getLogger(__name__)
 
@@ -103,8 +104,10 @@ class LLMEngine:
         if self.use_cuda_graphs:
             max_batch = min(plan.max_num_seqs, max_batched_tokens)
             self.runner.capture_cuda_graphs(max_batch, self.max_model_len)
+        self.vocab_size = hf_config.get_text_config().vocab_size
+        self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_token_ids)
         self.output_processor = OutputProcessor(
-            self.tokenizer, self.eos_token_ids, self.max_model_len, self.scheduler
+            self.tokenizer, self.eos_token_ids, self.max_model_len, self.scheduler, self.grammars
         )
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
@@ -123,8 +126,9 @@ class LLMEngine:
             text, token_ids = prompt, self.tokenizer.encode(prompt)
         else:
             text, token_ids = None, list(prompt)
-        vocab_size = self.hf_config.get_text_config().vocab_size
-        validate_request(token_ids, params, self.max_model_len, vocab_size, self.tokenizer is not None)
+        validate_request(
+            token_ids, params, self.max_model_len, self.vocab_size, self.tokenizer is not None, self.grammars
+        )
         seqs = [self._new_sequence(request_id, i, token_ids, params) for i in range(params.n)]
         self.requests[request_id] = Request(request_id, text, token_ids, params, seqs, stream)
         for seq in seqs:

@@ -1,13 +1,15 @@
 """From sampled tokens to request outputs: appending, detokenizing, stop conditions, logprobs.
 
 The engine hands every finished step here. Each sampled token is placed at the end of its sequence (over
-its run-ahead placeholder, when the engine runs a step ahead), then checked against EOS and stop ids,
-stop strings (on the incrementally decoded text), ``max_tokens`` and the context length. Streaming requests
+its run-ahead placeholder, when the engine runs a step ahead), advances the sequence's structured-output
+grammar if it has one, then is checked against EOS and stop ids, the grammar's end, stop strings (on the
+incrementally decoded text), ``max_tokens`` and the context length. Streaming requests
 get an output every step they progress; the others when all their sequences have finished.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 
 from tfbackend.engine.detokenizer import Detokenizer, find_stop_string
@@ -16,21 +18,28 @@ from tfbackend.engine.request import Request
 from tfbackend.engine.scheduler import Scheduler
 from tfbackend.engine.sequence import Sequence
 from tfbackend.outputs import CompletionOutput, Logprob, RequestOutput
+from tfbackend.structured_output import GrammarCompiler
+
+logger = logging.getLogger(__name__)
 
 
 class OutputProcessor:
-    def __init__(self, tokenizer, eos_token_ids: set[int], max_model_len: int, scheduler: Scheduler):
+    def __init__(self, tokenizer, eos_token_ids: set[int], max_model_len: int, scheduler: Scheduler,
+                 grammars: GrammarCompiler):
         self.tokenizer = tokenizer
         self.detokenizer = Detokenizer(tokenizer) if tokenizer is not None else None
         self.eos_token_ids = eos_token_ids
         self.max_model_len = max_model_len
         self.scheduler = scheduler
         self.ended_seq_ids: list[int] = []  # finished since the engine last collected them
+        self.grammars = grammars
 
     def start(self, seq: Sequence) -> None:
-        """Prepare a new sequence's detokenizer state."""
+        """Prepare a new sequence's detokenizer state and, for structured outputs, its grammar matcher."""
         if self.detokenizer is not None:
             self.detokenizer.start(seq)
+        if seq.params.structured_outputs is not None:
+            seq.grammar = self.grammars.matcher(seq.params.structured_outputs)
 
     def process(self, pending: PendingStep, requests: dict[str, Request], replaces_placeholder: bool
                 ) -> list[RequestOutput]:
@@ -67,9 +76,16 @@ class OutputProcessor:
             seq.first_token_time = now
         if logprobs is not None:
             seq.logprobs.append(self._logprob_dict(token, logprobs))
+        if seq.grammar is not None and not seq.grammar.accept(token):  # only if the mask left no token
+            logger.error("request %s: token %d is outside its grammar; ending the sequence", seq.request_id, token)
+            return self._finish(seq, "abort", None)
         params = seq.params
-        if (token in self.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
+        if token in params.stop_token_ids:
             return self._finish(seq, "stop", token)
+        if token in self.eos_token_ids and not params.ignore_eos:
+            return self._finish(seq, "stop", None)  # as vLLM: stop_reason names stop ids and strings, not EOS
+        if seq.grammar is not None and seq.grammar.is_terminated:  # the grammar is complete (it ends with EOS)
+            return self._finish(seq, "stop", None)
         if self.detokenizer is not None and (request.stream or params.stop):
             new_text = self.detokenizer.decode_new_tokens(seq)
             if params.stop and new_text:

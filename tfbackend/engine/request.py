@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from tfbackend.engine.sequence import Sequence
 from tfbackend.sampling_params import SamplingParams
+from tfbackend.structured_output import GrammarCompiler
 
 
 @dataclass
@@ -25,9 +26,14 @@ class Request:
 
 
 def validate_request(
-    token_ids: list[int], params: SamplingParams, max_model_len: int, vocab_size: int, has_tokenizer: bool
+    token_ids: list[int], params: SamplingParams, max_model_len: int, vocab_size: int, has_tokenizer: bool,
+    grammars: GrammarCompiler,
 ) -> None:
-    """Raise ValueError, with a message meant for the user, if the request cannot run on this model."""
+    """Raise ValueError, with a message meant for the user, if the request cannot run on this model.
+
+    A structured-output constraint is compiled here (or found in the compiler's cache), so a bad schema is
+    refused before any sequence is queued.
+    """
     params.validate()
     if not token_ids:
         raise ValueError("the prompt is empty")
@@ -44,3 +50,7 @@ def validate_request(
         raise ValueError(f"logprobs must be at most the vocabulary size {vocab_size}, got {params.logprobs}")
     if params.stop and not has_tokenizer:
         raise ValueError("stop strings need a tokenizer; this model has none")
+    if params.logit_bias and any(not 0 <= t < vocab_size for t in params.logit_bias):
+        raise ValueError(f"logit_bias token ids must be in [0, {vocab_size})")
+    if params.structured_outputs is not None:
+        grammars.compile(params.structured_outputs)

@@ -1,13 +1,17 @@
-"""Turning logits into tokens on the device: penalties, temperature, top-k/top-p/min-p, seeded sampling.
+"""Turning logits into tokens on the device: penalties, logit bias, grammar masks, temperature, top-k/top-p/min-p,
+seeded sampling.
 
-Order (as vLLM): penalties on the raw logits -> ``min_tokens`` masking of stop tokens -> greedy rows take
-the argmax; sampled rows are divided by their temperature, top-k and top-p filtered, softmaxed, min-p
-filtered and drawn with the exponential race (argmax of p / q, q ~ Exp(1)), which needs no host sync.
+Order (as vLLM): penalties on the raw logits -> ``logit_bias`` -> ``min_tokens`` masking of stop tokens ->
+the structured-output grammar's token mask -> greedy rows take the argmax; sampled rows are divided by their
+temperature, top-k and top-p filtered, softmaxed, min-p filtered and drawn with the exponential race (argmax
+of p / q, q ~ Exp(1)), which needs no host sync.
 Rows with a seed draw their noise from their own generator, so a seeded request samples the same tokens
 whatever else shares its batch. Logprobs are those of the raw model distribution.
 
 Per-row parameters reach the GPU with non-blocking copies (``device.upload``): the only wait for the GPU is
-the final fetch of the sampled tokens (and of logprobs, when asked for).
+the final fetch of the sampled tokens (and of logprobs, when asked for). Grammar masks are computed on the
+host from each sequence's matcher (which needs the previous token, so such sequences never run a step ahead)
+and uploaded as one bitmask for the whole batch.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch
 from tfbackend.engine.device import upload
 from tfbackend.engine.sequence import Sequence
 from tfbackend.sampling_params import SamplingParams
+from tfbackend.structured_output import apply_token_bitmask, fill_token_bitmask
 
 
 @dataclass
@@ -74,7 +79,9 @@ class Sampler:
         logits = logits.float()
         raw_logits = logits if any(seq.params.logprobs is not None for seq in seqs) else None
         logits = self.apply_penalties(logits, seqs)
+        logits = apply_logit_bias(logits, seqs)
         logits = self.mask_stop_tokens_before_min_tokens(logits, seqs)
+        logits = apply_grammars(logits, seqs)
         if all(seq.params.greedy for seq in seqs):  # no per-row tensors to build
             sampled = logits.argmax(dim=-1)
         else:
@@ -100,7 +107,7 @@ class Sampler:
 
     def apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         params = [seq.params for seq in seqs]
-        if not any(reads_token_history(p) for p in params):
+        if not any(has_penalties(p) for p in params):
             return logits
         num_rows, vocab = logits.shape
         device = logits.device
@@ -163,8 +170,38 @@ class Sampler:
         return result
 
 
+def apply_logit_bias(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """Add each row's ``logit_bias`` to its logits, all rows in one scatter."""
+    rows, cols, values = [], [], []
+    for row, seq in enumerate(seqs):
+        for token, bias in (seq.params.logit_bias or {}).items():
+            rows.append(row)
+            cols.append(token)
+            values.append(bias)
+    if not rows:
+        return logits
+    device = logits.device
+    logits = logits.clone()  # the raw logits may be kept for logprobs
+    index = (host_tensor(rows, torch.long, device), host_tensor(cols, torch.long, device))
+    logits.index_put_(index, host_tensor(values, torch.float32, device), accumulate=True)
+    return logits
+
+
+def apply_grammars(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """Forbid, in rows with a structured-output grammar, every token the grammar does not allow next."""
+    if all(seq.grammar is None for seq in seqs):
+        return logits
+    bitmask = fill_token_bitmask([seq.grammar for seq in seqs], logits.shape[-1])
+    return apply_token_bitmask(logits, upload(bitmask, logits.device))
+
+
 def reads_token_history(params: SamplingParams) -> bool:
-    """Whether sampling for these params reads the sequence's earlier tokens on the host (the penalties)."""
+    """Whether sampling for these params reads the sequence's earlier tokens on the host: the penalties, and
+    a grammar (its mask depends on every token so far)."""
+    return has_penalties(params) or params.structured_outputs is not None
+
+
+def has_penalties(params: SamplingParams) -> bool:
     return params.repetition_penalty != 1.0 or params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
 
 

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from tfbackend.outputs import SampleLogprobs
 from tfbackend.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from tfbackend.structured_output import SequenceGrammar
 
 
 class SequenceStatus(enum.Enum):
@@ -39,6 +43,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     num_hashed_blocks: int = 0  # leading blocks of block_table already registered in the prefix cache
     generator: torch.Generator | None = None  # per-sequence RNG when the request has a seed
+    grammar: SequenceGrammar | None = None  # where the output stands in its structured-output grammar
     output_text: str = ""
     logprobs: SampleLogprobs | None = None
     finish_reason: str | None = None

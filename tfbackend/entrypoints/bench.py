@@ -2,6 +2,8 @@
 
     tfbackend bench throughput --random-weights llama-3.2-1b --impl native,transformers --peers hf-generate,hf-cb
     tfbackend bench latency --model PATH --batch-size 1,8,32 --output latency.json --plot latency.png
+    tfbackend bench throughput --random-weights llama-3.2-1b --tokenizer TOKENIZER_DIR \
+        --json-schema benchmarks/structured_output_schema.json      # T1 without and with a grammar on every request
 
 Each implementation in ``--impl`` and each peer runs the same seeded workload on the same weights, one after
 the other in this process. The table gives every result and its fraction of the hardware floor (see
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import json
 from pathlib import Path
 
 import torch
@@ -28,6 +31,7 @@ from tfbackend.hf_classes import load_hf_config
 from tfbackend.llm import LLM
 from tfbackend.model_source import resolve_model
 from tfbackend.registry import MODEL_IMPLS
+from tfbackend.sampling_params import StructuredOutputsParams
 
 
 def _choices(allowed: tuple[str, ...]):
@@ -61,6 +65,9 @@ def add_parser(subparsers) -> None:
     throughput.add_argument("--output-len", type=int, default=256)
     throughput.add_argument("--hf-generate-requests", type=int, default=None,
                             help="run hf-generate on only the first N requests (one padded batch; default: all)")
+    throughput.add_argument("--json-schema", type=Path, default=None,
+                            help="also run each implementation with this JSON schema (a file) as every request's "
+                            "structured output; needs a tokenizer (--tokenizer for --random-weights)")
     latency = scenarios.add_parser("latency", help="T2: a small batch, ms per output token and time to first token")
     latency.add_argument("--batch-size", type=_int_list, default=[1], help="e.g. 1,8,32")
     latency.add_argument("--input-len", type=int, default=128)
@@ -142,10 +149,19 @@ def _throughput(args, base: EngineConfig, model_dir: Path, cost: _LazyCost, hard
         return throughput_floor(cost.value, hardware, [len(p) for p in subset], workload.output_len,
                                 base.max_num_seqs, base.max_num_batched_tokens)
 
+    structured = _json_schema(args.json_schema)
+
     def on_engine(llm: LLM, system: str) -> list[dict]:
         cost.learn(llm)
         print(f"{system}: {workload.num_requests} requests...")
-        return [report.throughput_row(system, run_throughput(llm, workload, vocab_size), floor(prompts))]
+        rows = [report.throughput_row(system, run_throughput(llm, workload, vocab_size), floor(prompts))]
+        if structured is not None:
+            print(f"{system}: {workload.num_requests} requests, each with the JSON schema...")
+            result = run_throughput(llm, workload, vocab_size, structured)
+            overhead = rows[0]["output_tok_s"] / result.output_tok_s - 1
+            rows.append(report.throughput_row(f"{system} json-schema", result, floor(prompts),
+                                              f"{overhead:+.1%} time per output token vs none"))
+        return rows
 
     def on_hf_model(model) -> list[dict]:
         rows = []
@@ -162,6 +178,16 @@ def _throughput(args, base: EngineConfig, model_dir: Path, cost: _LazyCost, hard
         return rows
 
     return _run_all(args, base, model_dir, dtype, on_engine, on_hf_model), workload
+
+
+def _json_schema(path: Path | None) -> StructuredOutputsParams | None:
+    if path is None:
+        return None
+    try:
+        schema = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"--json-schema {path}: {exc}") from exc
+    return StructuredOutputsParams(json=schema)
 
 
 def _latency(args, base: EngineConfig, model_dir: Path, cost: _LazyCost, hardware, vocab_size: int, dtype):

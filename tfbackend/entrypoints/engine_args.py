@@ -34,6 +34,14 @@ def human_int(text: str) -> int:
     return int(value)
 
 
+_DTYPE_ALIASES = {"half": "float16", "fp16": "float16", "bf16": "bfloat16", "float": "float32", "fp32": "float32"}
+
+
+def _dtype(text: str) -> str:
+    """vLLM's spellings of the dtypes (``--dtype half``) mapped to ours."""
+    return _DTYPE_ALIASES.get(text, text)
+
+
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     """Add the EngineConfig flags; defaults come from EngineConfig so there is one source of truth."""
     defaults = EngineConfig(model="")
@@ -42,10 +50,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     add("--tokenizer", default=None, help="tokenizer folder (default: the model's)")
     add("--model-impl", choices=MODEL_IMPLS, default=defaults.model_impl,
         help="native port, Transformers fallback, or auto (native when one is registered for the architecture)")
-    add("--dtype", choices=["auto", *DTYPES], default=defaults.dtype,
-        help="auto: float32 on CPU, the checkpoint's half precision on GPU")
+    add("--dtype", type=_dtype, choices=["auto", *DTYPES], default=defaults.dtype,
+        help="auto: float32 on CPU, the checkpoint's half precision on GPU; vLLM's half, bf16 and float work too")
     add("--device", default=defaults.device, help="auto, cpu, cuda or cuda:N")
-    add("--attention-backend", choices=["auto", "triton", "torch"], default=defaults.attention_backend)
+    add("--attention-backend", choices=["auto", "triton", "torch"], default=defaults.attention_backend,
+        help="attention kernels: auto picks Triton on GPU, the torch reference on CPU")
     add("--block-size", type=int, default=defaults.block_size, help="tokens per KV cache block")
     add("--max-model-len", type=human_int, default=defaults.max_model_len,
         help="context length, prompt plus output, e.g. 4k (default: the model's max_position_embeddings)")

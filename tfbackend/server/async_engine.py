@@ -4,7 +4,12 @@ One background thread owns the engine: it is the only caller of ``add_request``,
 ``step``, so the engine needs no locks. Handlers talk to it through a thread-safe command queue; the thread
 steps while any request is in flight and blocks on the queue when idle, so an idle server burns no CPU.
 Each request's outputs travel back to its handler through an ``asyncio.Queue`` fed with
-``loop.call_soon_threadsafe``. A failing ``step`` fails the requests in flight, never the thread.
+``loop.call_soon_threadsafe``. A failing ``step`` fails the requests in flight, never the thread; should the
+thread end anyway, everything in flight and every later submission fails at once instead of hanging.
+
+The waiting queue is bounded (``max_queued_seqs``): a submission that would leave more sequences than that
+waiting, once the batch's free slots have taken theirs, is refused with ``QueueFull`` (the server's 429), so
+overload turns into fast refusals, not hour-long waits.
 """
 
 from __future__ import annotations
@@ -32,6 +37,14 @@ Prompt = str | list[int]
 
 class EngineError(RuntimeError):
     """The engine failed while running a request; the request is lost but the server goes on."""
+
+
+class EngineUnavailable(EngineError):
+    """The engine loop has stopped (shutdown or a fatal error): nothing can run."""
+
+
+class QueueFull(Exception):
+    """The waiting queue holds as many sequences as allowed; the client should retry later."""
 
 
 class _Sink:
@@ -129,11 +142,18 @@ class RequestStream:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, metrics: ServerMetrics) -> None:
+    def __init__(self, engine: LLMEngine, metrics: ServerMetrics, max_queued_seqs: int | None = None,
+                 max_running_seqs: int = 0) -> None:
+        """``max_queued_seqs``: most sequences waiting for admission (None: unbounded); ``max_running_seqs``:
+        the engine's batch size (``max_num_seqs``), whose free slots take waiting sequences at the next step."""
         self.engine = engine
         self.metrics = metrics
+        self.max_queued_seqs = max_queued_seqs
+        self.max_running_seqs = max_running_seqs
+        self._last_counts = (0, 0)  # (running, waiting) sequences at the last step, for a cheap early refusal
         self._commands: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
         self._requests: dict[str, _Tracked] = {}
+        self._stopped = False
         self._thread = threading.Thread(target=self._run, name="tfbackend-engine", daemon=True)
 
     # ------------------------------------------------------------------------------------ event loop side
@@ -141,14 +161,29 @@ class AsyncEngine:
     def start(self) -> None:
         self._thread.start()
 
+    def stop(self) -> None:
+        """Ask the engine thread to end (without waiting): requests in flight fail, later ones are refused."""
+        self._commands.put(None)
+
     def shutdown(self) -> None:
+        """Stop the engine thread and wait for it."""
         if self._thread.is_alive():
-            self._commands.put(None)
+            self.stop()
             self._thread.join()
 
     @property
     def is_alive(self) -> bool:
-        return self._thread.is_alive()
+        return self._thread.is_alive() and not self._stopped
+
+    def queue_is_full(self, num_seqs: int) -> bool:
+        """Whether ``num_seqs`` more sequences would overflow the waiting queue, as of the last step."""
+        return self._overflows(num_seqs, *self._last_counts)
+
+    def _overflows(self, num_seqs: int, num_running: int, num_waiting: int) -> bool:
+        if self.max_queued_seqs is None:
+            return False
+        free_slots = max(self.max_running_seqs - num_running, 0)
+        return num_waiting + num_seqs - free_slots > self.max_queued_seqs
 
     async def generate(
         self, request_ids: Sequence[str], prompts: Sequence[Prompt], params: SamplingParams
@@ -158,6 +193,8 @@ class AsyncEngine:
         Returns once the engine has admitted them, so a bad prompt raises ValueError here, before a
         streaming response has sent its headers.
         """
+        if not self.is_alive:
+            raise EngineUnavailable("the engine is not running (the server is shutting down or has failed)")
         sink = _Sink()
         stream = RequestStream(self, list(request_ids), sink)
         self._commands.put(_Add(list(request_ids), list(prompts), params, sink))
@@ -170,12 +207,22 @@ class AsyncEngine:
     # -------------------------------------------------------------------------------------- engine thread
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        finally:  # shutdown, or a BaseException no step should raise: never leave a handler waiting
+            self._stopped = True
+            error = EngineUnavailable("the engine has stopped (the server is shutting down or has failed)")
+            self._fail_all(error, status="aborted")
+            for command in self._drain(block=False):
+                if isinstance(command, _Add):
+                    command.sink.put(error)
+
+    def _loop(self) -> None:
         self._record_stats()  # /metrics shows the KV capacity before the first request
         while True:
             try:
                 for command in self._drain(block=not self._requests):
                     if command is None:
-                        self._fail_all(EngineError("the server is shutting down"), status="aborted")
                         return
                     self._handle(command)
                 if self._requests:
@@ -200,6 +247,12 @@ class AsyncEngine:
                 if self._requests.pop(request_id, None) is not None:
                     self._safe_abort(request_id)
                     self.metrics.request_done("aborted")
+            return
+        num_seqs = len(command.prompts) * command.params.n
+        stats = self.engine.stats() if self.max_queued_seqs is not None else None
+        if stats is not None and self._overflows(num_seqs, stats.num_running, stats.num_waiting):
+            self.metrics.request_done("rejected", len(command.request_ids))
+            command.sink.put(QueueFull(f"the server is at capacity ({self.max_queued_seqs} sequences waiting)"))
             return
         added: list[str] = []
         try:
@@ -231,6 +284,8 @@ class AsyncEngine:
             if output.finished:
                 del self._requests[output.request_id]
                 self.metrics.request_done("finished")
+                generated = sum(len(completion.token_ids) for completion in output.outputs)
+                self.metrics.request_finished(now - tracked.arrival, len(output.prompt_token_ids), generated)
                 for completion in output.outputs:
                     self.metrics.completion_finished(completion.finish_reason or "unknown")
 
@@ -265,7 +320,9 @@ class AsyncEngine:
 
     def _record_stats(self) -> None:
         try:
-            self.metrics.engine_stats(self.engine.stats())
+            stats = self.engine.stats()
+            self._last_counts = (stats.num_running, stats.num_waiting)
+            self.metrics.engine_stats(stats)
         except Exception:
             logger.exception("engine.stats() failed")
 
