@@ -1,0 +1,105 @@
+"""Starting the rank processes of one node and noticing when one of them dies.
+
+Processes come from a fork server that has imported tfbackend (torch, transformers) once: a rank then starts
+in a fraction of a second instead of importing everything again, and never inherits the state of the
+process that asked for it (threads, a CUDA context). A rank that fails leaves its error in the store
+(``report_failure``), so the driver can say what went wrong instead of only that a connection closed.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import multiprocessing.connection
+import threading
+import traceback
+from collections.abc import Callable, Iterable
+
+import torch.distributed as dist
+
+from tfbackend.distributed.rendezvous import error_key
+
+logger = logging.getLogger(__name__)
+
+
+def process_context(preload: list[str]) -> multiprocessing.context.BaseContext:
+    """Processes forked from a server that imported ``preload`` (only the first call's list counts)."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(preload)
+    return context
+
+
+def report_failure(store: dist.Store, rank: int, error: BaseException) -> None:
+    """Leave ``error`` where the driver looks for it (best effort: the store may be gone too)."""
+    logger.error("rank %d failed:\n%s", rank, "".join(traceback.format_exception(error)))
+    try:
+        store.set(error_key(rank), f"{type(error).__name__}: {error}")
+    except Exception:  # the driver is gone; nobody is left to tell
+        pass
+
+
+def reported_failure(store: dist.Store, rank: int) -> str | None:
+    try:
+        return store.get(error_key(rank)).decode() if store.check([error_key(rank)]) else None
+    except Exception:
+        return None
+
+
+class LocalRanks:
+    """The rank processes this launcher started, watched by a thread that reports the first one to die.
+
+    ``target(*args, rank)`` runs in each; ``on_death(rank, exitcode)`` is called (from the watching thread)
+    for the first rank that exits while the ranks are not being stopped.
+    """
+
+    def __init__(self, target: Callable, args: tuple, ranks: Iterable[int],
+                 on_death: Callable[[int, int], None] | None = None):
+        context = process_context([target.__module__])
+        self.processes = {
+            rank: context.Process(target=target, args=(*args, rank), name=f"tfbackend-rank-{rank}", daemon=True)
+            for rank in ranks
+        }
+        self.on_death = on_death
+        self.dead: tuple[int, int] | None = None  # (rank, exit code) of the first rank that died
+        self._stopping = threading.Event()
+        self._watcher = threading.Thread(target=self._watch, name="tfbackend-rank-watchdog", daemon=True)
+
+    def start(self) -> None:
+        for process in self.processes.values():
+            process.start()
+        if self.processes:
+            self._watcher.start()
+
+    def _watch(self) -> None:
+        sentinels = {process.sentinel: rank for rank, process in self.processes.items()}
+        ready = multiprocessing.connection.wait(list(sentinels))
+        if self._stopping.is_set():
+            return
+        rank = sentinels[ready[0]]
+        process = self.processes[rank]
+        process.join()
+        self.dead = (rank, process.exitcode)
+        logger.error("rank %d (pid %d) exited with code %s", rank, process.pid, process.exitcode)
+        if self.on_death is not None:
+            self.on_death(rank, process.exitcode)
+
+    def wait(self) -> int:
+        """Wait for every rank to exit; the worst exit code (0 if all succeeded)."""
+        codes = []
+        for process in self.processes.values():
+            process.join()
+            codes.append(process.exitcode)
+        return max((abs(code) for code in codes if code), default=0)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Let the ranks finish on their own within ``timeout`` seconds, then terminate, then kill them."""
+        self._stopping.set()
+        for process in self.processes.values():
+            process.join(timeout)
+        for process in self.processes.values():
+            if process.is_alive():
+                process.terminate()
+                process.join(5)
+            if process.is_alive():
+                process.kill()
+                process.join()
