@@ -17,15 +17,26 @@ from collections.abc import Callable, Iterable
 
 import torch.distributed as dist
 
-from tfbackend.distributed.rendezvous import error_key
+from tfbackend.distributed.rendezvous import (
+    Rendezvous,
+    close_process_groups,
+    connect_store,
+    error_key,
+    init_rank,
+    joined_key,
+    wait_for_ranks,
+)
+from tfbackend.distributed.state import use_parallel
 
 logger = logging.getLogger(__name__)
 
+# What the fork server imports once: everything a rank needs (engine, both model paths, torch, transformers).
+PRELOAD = ["tfbackend.engine.worker", "tfbackend.adapter", "tfbackend.native.llama"]
 
-def process_context(preload: list[str]) -> multiprocessing.context.BaseContext:
-    """Processes forked from a server that imported ``preload`` (only the first call's list counts)."""
+
+def process_context() -> multiprocessing.context.BaseContext:
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(preload)
+    context.set_forkserver_preload(PRELOAD)
     return context
 
 
@@ -54,7 +65,7 @@ class LocalRanks:
 
     def __init__(self, target: Callable, args: tuple, ranks: Iterable[int],
                  on_death: Callable[[int, int], None] | None = None):
-        context = process_context([target.__module__])
+        context = process_context()
         self.processes = {
             rank: context.Process(target=target, args=(*args, rank), name=f"tfbackend-rank-{rank}", daemon=True)
             for rank in ranks
@@ -103,3 +114,42 @@ class LocalRanks:
             if process.is_alive():
                 process.kill()
                 process.join()
+
+
+def run_spmd(fn: Callable, args: tuple, rendezvous: Rendezvous):
+    """Run ``fn(*args)`` on every rank of a one-node world (this process is rank 0), each inside its parallel
+    context; rank 0's result. For tools that drive a sharded model step by step themselves (``check``)."""
+    store = connect_store(rendezvous, is_master=True)
+    ranks = LocalRanks(_spmd_rank, (rendezvous, fn, args), range(1, rendezvous.world_size))
+    ranks.start()
+
+    def check_alive() -> None:
+        if ranks.dead is not None:
+            rank, code = ranks.dead
+            raise RuntimeError(f"rank {rank} exited with code {code}: {reported_failure(store, rank)}")
+
+    try:
+        wait_for_ranks(store, rendezvous, check_alive)
+        with use_parallel(init_rank(rendezvous, 0, store)):
+            return fn(*args)
+    except Exception as error:
+        failure = next((f for f in (reported_failure(store, r) for r in ranks.processes) if f), None)
+        if failure is None or isinstance(error, ValueError):
+            raise
+        raise RuntimeError(f"another rank failed: {failure}") from error
+    finally:
+        close_process_groups()
+        ranks.stop()
+
+
+def _spmd_rank(rendezvous: Rendezvous, fn: Callable, args: tuple, rank: int) -> None:
+    store = connect_store(rendezvous, is_master=False)
+    try:
+        store.set(joined_key(rank), "1")
+        with use_parallel(init_rank(rendezvous, rank, store)):
+            fn(*args)
+    except BaseException as error:
+        report_failure(store, rank, error)
+        raise SystemExit(1) from error
+    finally:
+        close_process_groups()

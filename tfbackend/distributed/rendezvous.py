@@ -106,6 +106,8 @@ def init_rank(rendezvous: Rendezvous, rank: int, store: dist.Store) -> ParallelC
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
+    elif rank != 0:  # CPU ranks share the machine's cores (rank 0 is the caller's own process: left as it is)
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // rendezvous.local_size))
     backend = "nccl" if cuda else "gloo"
     dist.init_process_group(
         backend, store=dist.PrefixStore("tfbackend/pg", store), rank=rank, world_size=rendezvous.world_size,
@@ -140,8 +142,3 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("", 0))
         return sock.getsockname()[1]
-
-
-def cpu_threads_per_rank(local_size: int) -> int:
-    """Intra-op threads for each of ``local_size`` CPU ranks sharing this machine."""
-    return max(1, (os.cpu_count() or 1) // local_size)

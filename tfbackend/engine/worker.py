@@ -28,7 +28,6 @@ from tfbackend.distributed.rendezvous import (
     Rendezvous,
     close_process_groups,
     connect_store,
-    cpu_threads_per_rank,
     init_rank,
     joined_key,
 )
@@ -137,8 +136,6 @@ def run_worker(rendezvous: Rendezvous, rank: int) -> None:
         config = EngineConfig(**json.loads(store.get(CONFIG_KEY)))
         _check_same_layout(rendezvous, config)
         parallel = init_rank(rendezvous, rank, store)
-        if parallel.device.type == "cpu":
-            torch.set_num_threads(cpu_threads_per_rank(rendezvous.local_size))
         worker = Worker(config, config.model, load_hf_config(config.model, config.trust_remote_code), parallel)
         steps = StepBroadcast(parallel, worker.device)
         while (message := steps.receive()) is not None:
