@@ -56,6 +56,14 @@ class ParallelContext:
         """The global rank of tensor-parallel rank ``tp_rank`` in stage ``pp_rank``."""
         return pp_rank * self.tp.size + tp_rank
 
+    def gather_objects(self, value: object) -> list:
+        """Every rank's ``value``, by rank (pickled: for setup, never per step)."""
+        if self.world_size == 1:
+            return [value]
+        values: list = [None] * self.world_size
+        dist.all_gather_object(values, value, group=self.world_cpu)
+        return values
+
     def min_over_ranks(self, value: int) -> int:
         """The smallest of every rank's ``value`` (each rank calls this with its own)."""
         if self.world_size == 1:

@@ -32,6 +32,7 @@ from tfbackend.distributed.rendezvous import (
     init_rank,
     wait_for_ranks,
 )
+from tfbackend.engine.errors import EngineDeadError
 from tfbackend.engine.step_broadcast import StepBroadcast
 from tfbackend.engine.worker import run_worker
 from tfbackend.registry import resolve
@@ -40,10 +41,6 @@ logger = logging.getLogger(__name__)
 
 # How long a failed collective waits for the watchdog to name the rank that died.
 _DEATH_NOTICE_SECONDS = 3.0
-
-
-class EngineDeadError(RuntimeError):
-    """A rank of a multi-rank engine failed: the engine cannot run another step and must be shut down."""
 
 
 def rendezvous_of(config: EngineConfig) -> Rendezvous:

@@ -20,7 +20,8 @@ from tfbackend.config import EngineConfig
 from tfbackend.distributed import SINGLE_PROCESS
 from tfbackend.engine.block_manager import BlockManager
 from tfbackend.engine.device import placeholder
-from tfbackend.engine.executor import EngineDeadError, Executor
+from tfbackend.engine.errors import EngineDeadError
+from tfbackend.engine.executor import Executor
 from tfbackend.engine.model_files import eos_token_ids, load_tokenizer, max_model_len
 from tfbackend.engine.model_runner import PendingStep
 from tfbackend.engine.output_processor import OutputProcessor

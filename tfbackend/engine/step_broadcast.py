@@ -20,6 +20,7 @@ from tfbackend.distributed import ParallelContext
 from tfbackend.engine.model_runner import StepInputs
 
 _STEP, _STOP = 1, 2
+_INT, _LIST, _ARRAY = 0, 1, 2  # how a field travels; arrays add their dtype's index in _DTYPES
 _DTYPES = [np.dtype(t) for t in (np.int64, np.int32, np.bool_, np.float32, np.float64)]
 _HEADER = 64
 _FIELDS = dataclasses.fields(StepInputs)
@@ -36,15 +37,19 @@ class StepBroadcast:
         header = np.zeros(_HEADER, dtype=np.int64)
         header[:2] = _STEP, 0 if pending_tokens is None else pending_tokens.numel()
         arrays, slot = [], 2
-        for field in _FIELDS:  # per field 4 slots: (0, value) for an int, (1 + dtype code, ndim, *shape) for an array
+        # Per field 4 slots: (_INT, value), or (_LIST or _ARRAY + dtype code, ndim, *shape) with the data in the payload.
+        for field in _FIELDS:
             value = getattr(step, field.name)
-            if isinstance(value, np.ndarray):
-                if value.ndim > 2:
-                    raise TypeError(f"StepInputs.{field.name} has {value.ndim} dimensions; at most 2 travel")
-                header[slot : slot + 4] = 1 + _DTYPES.index(value.dtype), value.ndim, *(*value.shape, 1, 1)[:2]
-                arrays.append(np.ascontiguousarray(value).view(np.uint8).ravel())
+            if isinstance(value, int):
+                header[slot : slot + 2] = _INT, value
             else:
-                header[slot : slot + 2] = 0, int(value)
+                kind = _LIST if isinstance(value, list) else _ARRAY
+                array = np.asarray(value, dtype=np.int64) if kind == _LIST else value
+                if array.ndim > 2:
+                    raise TypeError(f"StepInputs.{field.name} has {array.ndim} dimensions; at most 2 travel")
+                code = kind + (_DTYPES.index(array.dtype) if kind == _ARRAY else 0)
+                header[slot : slot + 4] = code, array.ndim, *(*array.shape, 1, 1)[:2]
+                arrays.append(np.ascontiguousarray(array).view(np.uint8).ravel())
             slot += 4
         if slot > _HEADER:
             raise RuntimeError("StepInputs has grown past the broadcast header")
@@ -70,19 +75,21 @@ class StepBroadcast:
             return None
         scalars, arrays, total = {}, [], 0
         for index, field in enumerate(_FIELDS):
-            kind, value_or_ndim, *dims = header[2 + 4 * index : 6 + 4 * index].tolist()
-            if kind == 0:
+            code, value_or_ndim, *dims = header[2 + 4 * index : 6 + 4 * index].tolist()
+            if code == _INT:
                 scalars[field.name] = value_or_ndim
                 continue
-            dtype, shape = _DTYPES[kind - 1], tuple(dims[:value_or_ndim])
+            dtype = np.dtype(np.int64) if code == _LIST else _DTYPES[code - _ARRAY]
+            shape = tuple(dims[:value_or_ndim])
             size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-            arrays.append((field.name, dtype, shape, total, size))
+            arrays.append((field.name, code == _LIST, dtype, shape, total, size))
             total += size
         payload = torch.empty(total, dtype=torch.uint8)
         self._broadcast(payload)
         raw = payload.numpy()
-        for name, dtype, shape, offset, size in arrays:
-            scalars[name] = raw[offset : offset + size].view(dtype).reshape(shape)
+        for name, is_list, dtype, shape, offset, size in arrays:
+            array = raw[offset : offset + size].view(dtype).reshape(shape)
+            scalars[name] = array.tolist() if is_list else array
         pending = None
         if header[1]:
             pending = torch.empty(int(header[1]), dtype=torch.int64, device=self.device)

@@ -81,6 +81,7 @@ class Worker:
                           lambda full_batch_bytes: self._budget(spec, sampler, full_batch_bytes))
         self.max_num_seqs = plan.max_num_seqs
         self.kv_cache = KVCache(spec, plan.num_blocks, self.device)
+        self.kv_specs = parallel.gather_objects(spec)  # every rank's layout, for the whole model's costs
         logger.info(
             "KV cache%s: %d blocks of %d tokens = %d tokens (%.1f MiB), at most %d sequences",
             f" of rank {parallel.rank}" if parallel.world_size > 1 else "", plan.num_blocks, spec.block_size,

@@ -37,10 +37,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--uvicorn-log-level", default="info", choices=["critical", "error", "warning", "info", "debug", "trace"]
     )
+    parser.add_argument(
+        "--headless", action="store_true",
+        help="on a node other than 0 (--node-rank > 0): run this node's ranks for the engine on node 0, no server",
+    )
     add_engine_args(parser)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.headless:  # the model and every engine setting come from the driver on node 0
+        from tfbackend.engine.executor import run_headless_node
+
+        return run_headless_node(engine_config_from_args(args, args.model or ""))
+
     # Imported here so `tfbackend --help` and the other sub-commands do not pay for torch and FastAPI.
     import uvicorn
 
@@ -68,5 +77,13 @@ def run(args: argparse.Namespace) -> int:
         "serving %s (max_model_len %d) at http://%s:%d/v1 (%s)", names[0], engine.max_model_len, args.host,
         args.port, "API key required" if api_key else "no API key",
     )
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level, timeout_graceful_shutdown=5)
-    return 0
+    server = uvicorn.Server(uvicorn.Config(
+        app, host=args.host, port=args.port, log_level=args.uvicorn_log_level, timeout_graceful_shutdown=5
+    ))
+    # A multi-rank engine that lost a rank cannot serve again: its requests fail, then the server exits.
+    state.engine.on_dead = lambda: setattr(server, "should_exit", True)
+    try:
+        server.run()
+    finally:
+        engine.shutdown()
+    return 1 if engine.dead is not None else 0

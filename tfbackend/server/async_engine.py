@@ -4,7 +4,9 @@ One background thread owns the engine: it is the only caller of ``add_request``,
 ``step``, so the engine needs no locks. Handlers talk to it through a thread-safe command queue; the thread
 steps while any request is in flight and blocks on the queue when idle, so an idle server burns no CPU.
 Each request's outputs travel back to its handler through an ``asyncio.Queue`` fed with
-``loop.call_soon_threadsafe``. A failing ``step`` fails the requests in flight, never the thread.
+``loop.call_soon_threadsafe``. A failing ``step`` fails the requests in flight, never the thread, unless
+the engine has died for good (``EngineDeadError``: a rank of a multi-rank engine failed): then every request
+fails, later ones are refused, the thread stops and ``on_dead`` lets the server exit.
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from tfbackend.engine.errors import EngineDeadError
 from tfbackend.outputs import RequestOutput
 from tfbackend.sampling_params import SamplingParams
 from tfbackend.server.metrics import ServerMetrics
@@ -28,6 +31,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 Prompt = str | list[int]
+# How often an idle engine thread checks that the engine's other ranks are alive.
+HEALTH_CHECK_SECONDS = 1.0
 
 
 class EngineError(RuntimeError):
@@ -129,12 +134,17 @@ class RequestStream:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, metrics: ServerMetrics) -> None:
+    def __init__(self, engine: LLMEngine, metrics: ServerMetrics, on_dead: Callable[[], None] | None = None) -> None:
+        """``on_dead``: called (from the engine thread) once the engine has died for good (a rank of a
+        multi-rank engine failed): the requests in flight have failed, later ones fail at once."""
         self.engine = engine
         self.metrics = metrics
+        self.on_dead = on_dead
         self._commands: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
         self._requests: dict[str, _Tracked] = {}
         self._thread = threading.Thread(target=self._run, name="tfbackend-engine", daemon=True)
+        self._dead: EngineDeadError | None = None
+        self._submit_lock = threading.Lock()  # a submission either reaches the loop or sees it dead
 
     # ------------------------------------------------------------------------------------ event loop side
 
@@ -148,7 +158,7 @@ class AsyncEngine:
 
     @property
     def is_alive(self) -> bool:
-        return self._thread.is_alive()
+        return self._thread.is_alive() and self._dead is None
 
     async def generate(
         self, request_ids: Sequence[str], prompts: Sequence[Prompt], params: SamplingParams
@@ -160,7 +170,10 @@ class AsyncEngine:
         """
         sink = _Sink()
         stream = RequestStream(self, list(request_ids), sink)
-        self._commands.put(_Add(list(request_ids), list(prompts), params, sink))
+        with self._submit_lock:
+            if self._dead is not None:
+                raise EngineError(f"the engine is dead: {self._dead}")
+            self._commands.put(_Add(list(request_ids), list(prompts), params, sink))
         await stream.wait_accepted()
         return stream
 
@@ -180,14 +193,26 @@ class AsyncEngine:
                     self._handle(command)
                 if self._requests:
                     self._step()
+                else:
+                    self._check_health()
+            except EngineDeadError as exc:  # no step can run any more: fail everything and stop
+                logger.error("the engine died: %s", exc)
+                self._die(exc)
+                return
             except Exception as exc:  # from step() or our bookkeeping: lose the requests in flight, not the loop
                 logger.exception("engine loop failed; failing the %d requests in flight", len(self._requests))
                 self._fail_all(EngineError(f"the engine failed while running this request: {exc}"), status="failed")
             self._record_stats()
 
     def _drain(self, block: bool) -> list[_Add | _Abort | None]:
-        """All queued commands; waits for one when there is nothing to step, so an idle server sleeps."""
-        commands = [self._commands.get()] if block else []
+        """All queued commands; waits for one when there is nothing to step, so an idle server sleeps (waking
+        now and then to check that the engine's other ranks are alive)."""
+        commands = []
+        if block:
+            try:
+                commands.append(self._commands.get(timeout=HEALTH_CHECK_SECONDS))
+            except queue.Empty:
+                return commands
         while True:
             try:
                 commands.append(self._commands.get_nowait())
@@ -247,6 +272,22 @@ class AsyncEngine:
         self.metrics.generation_tokens(new_tokens)
         tracked.num_generated = generated
         tracked.last_token_time = now
+
+    def _check_health(self) -> None:
+        check = getattr(self.engine, "check_health", None)
+        if check is not None:
+            check()
+
+    def _die(self, exc: EngineDeadError) -> None:
+        with self._submit_lock:
+            self._dead = exc
+        self._fail_all(EngineError(f"the engine died: {exc}"), status="failed")
+        for command in self._drain(block=False):  # submitted before it died: answer them
+            if isinstance(command, _Add):
+                self.metrics.request_done("failed", len(command.request_ids))
+                command.sink.put(EngineError(f"the engine died: {exc}"))
+        if self.on_dead is not None:
+            self.on_dead()
 
     def _fail_all(self, error: EngineError, status: str) -> None:
         failed = list(self._requests.items())
