@@ -91,7 +91,7 @@ class TransformersForCausalLM(CausalLM):
                 f"{hf_class.__name__} has layers that keep state outside attention ({', '.join(stateful)}), "
                 f"which a paged KV cache cannot hold"
             )
-        return None
+        return HFParallelLayout.refusal(hf_class, hf_config)  # None on a single process
 
     @classmethod
     def load(cls, model_dir: str | Path, hf_config, dtype: torch.dtype, device: torch.device):
@@ -103,7 +103,7 @@ class TransformersForCausalLM(CausalLM):
         With several ranks the checkpoint loads on the CPU and only this rank's share moves to ``device``.
         """
         hf_class = causal_lm_class(hf_config)
-        layout = HFParallelLayout(hf_class, hf_config, model_dir, device)  # this rank's share, when several
+        layout = HFParallelLayout(model_dir, device)  # this rank's share of the model, when several
         with layout.loading_turn():
             hf_model = hf_class.from_pretrained(
                 model_dir, config=hf_config, dtype=dtype, device_map=str(layout.load_device),

@@ -142,7 +142,7 @@ def candidates(hf_config, model_impl: str = "auto") -> tuple[list[ResolvedModel]
             refusals.append(f"Transformers fallback declines: {refusal}")
     if model_impl in ("auto", "compat"):
         compat = _import_class(COMPAT_CLASS)
-        refusal = compat.supports(hf_config)
+        refusal = _supports(compat, hf_config)
         if refusal is None:
             running = (
                 f"running {causal_lm_class(hf_config).__name__} with its own attention and caches, continuously "

@@ -24,9 +24,11 @@ A parameter entry (an MoE's 3-D expert weights) is cut in place: ``colwise`` alo
 ``rowwise`` along its input dimension, ``packed_colwise`` each half of its output dimension. The input and
 output embeddings are split by vocabulary whatever the plan says, when they are plain ``nn.Embedding`` /
 bias-free ``nn.Linear`` (else they stay whole). A model without a plan gets one inferred from standard module
-names (q/k/v with o_proj or out_proj; gate/up with down_proj; GPT-2's fused ``c_attn`` with ``c_proj``, and
-``c_fc`` with ``c_proj``), where a module's only linear children are exactly such a group. Anything else is
-refused with the reason (``UnsupportedModelError``), found on an empty (meta) copy before weights are read.
+names (q/k/v with o_proj or out_proj, whose module's head counts such as ``num_heads`` then become this rank's;
+gate/up with down_proj; GPT-2's fused ``c_attn`` with ``c_proj``, and ``c_fc`` with ``c_proj``), where a module's only linear children are exactly such a group and its other
+children hold no weights (a norm over a projection's features would see only a slice). Anything else is
+refused with the reason (``HFParallelLayout.refusal``, which the fallback's ``supports`` gives), found on an
+empty (meta) copy before any weight is read.
 
 **Pipeline parallel.** The config's ``base_model_pp_plan`` names the decoder layer list; a stage keeps its
 own layers and stands in passthrough modules for the others (which hold no weights). The previous stage's
@@ -73,9 +75,10 @@ _VOCAB_STYLES = {"embedding_rowwise", "embedding_colwise"}
 _QUERY_NAMES = ("q_proj", "query")
 _KV_NAMES = ("k_proj", "v_proj", "key", "value")
 # Inferred plans: a module whose linear children are exactly one of these groups gets the styles shown.
+# "heads_colwise": colwise by heads, and the module's head counts (num_heads...) become this rank's.
 _INFERRED_GROUPS: list[dict[str, str]] = [
-    {"q_proj": "colwise", "k_proj": "colwise", "v_proj": "colwise", "o_proj": "rowwise"},
-    {"q_proj": "colwise", "k_proj": "colwise", "v_proj": "colwise", "out_proj": "rowwise"},
+    {"q_proj": "heads_colwise", "k_proj": "heads_colwise", "v_proj": "heads_colwise", "o_proj": "rowwise"},
+    {"q_proj": "heads_colwise", "k_proj": "heads_colwise", "v_proj": "heads_colwise", "out_proj": "rowwise"},
     {"gate_proj": "colwise", "up_proj": "colwise", "down_proj": "rowwise"},
     {"up_proj": "colwise", "down_proj": "rowwise"},
     {"c_attn": "fused_qkv", "c_proj": "rowwise"},  # GPT-2: one Conv1D for q|k|v, split by its split_size
@@ -91,20 +94,27 @@ class HFParallelLayout:
     """How this rank builds its share of an HF model: validated on an empty copy at construction, applied to
     the loaded model by ``apply``. On a single process everything here is a no-op."""
 
-    def __init__(self, hf_class: type, hf_config, model_dir: str | Path, device: torch.device):
+    def __init__(self, model_dir: str | Path, device: torch.device):
         self.parallel = current_parallel()
         self.device = device
         self.model_dir = Path(model_dir)
         self.active = self.parallel.world_size > 1
-        if self.active:
-            with torch.device("meta"):
-                empty = hf_class._from_config(hf_config)
-            try:
-                self._tensor_parallel_actions(empty)
-            except ValueError as error:  # sizes that do not divide
-                raise UnsupportedModelError(str(error)) from None
-            if self.parallel.pp_size > 1:
+
+    @staticmethod
+    def refusal(hf_class: type, hf_config) -> str | None:
+        """Why this rank's context cannot split the model (found on an empty copy), or None."""
+        parallel = current_parallel()
+        if parallel.world_size == 1:
+            return None
+        with torch.device("meta"):
+            empty = hf_class._from_config(hf_config)
+        try:
+            _tensor_parallel_actions(empty, parallel.tp)
+            if parallel.pp_size > 1:
                 _pipeline_plan(empty)
+        except ValueError as error:  # UnsupportedModelError, or sizes that do not divide
+            return str(error)
+        return None
 
     @property
     def load_device(self) -> torch.device:
@@ -134,43 +144,52 @@ class HFParallelLayout:
         if not self.active:
             return None
         stage = HFPipelineStage(hf_model, self.parallel) if self.parallel.pp_size > 1 else None
-        for action in self._tensor_parallel_actions(hf_model):
+        for action in _tensor_parallel_actions(hf_model, self.parallel.tp):
             action()
         hf_model.to(self.device)
         return stage
 
-    # ---- tensor parallel ----------------------------------------------------------------------------------
 
-    def _tensor_parallel_actions(self, hf_model: nn.Module) -> list[Action]:
-        """What splitting ``hf_model`` takes, one action per module or parameter; raises if it cannot be split."""
-        tp = self.parallel.tp
-        if tp.size == 1:
-            return []
-        plan = _tensor_parallel_plan(hf_model)
-        modules = dict(hf_model.named_modules())
-        parameters = dict(hf_model.named_parameters())
-        actions = _vocabulary_actions(hf_model, tp)
-        for pattern, style in plan.items():
-            if style in _VOCAB_STYLES or style in _NO_OP_STYLES:
-                continue
-            regex = re.compile(re.escape(pattern).replace(r"\*", r"\d+"))
-            for name in [n for n in modules if regex.fullmatch(n)]:
-                actions.append(_module_action(hf_model, modules, name, style, tp))
-            for name in [n for n in parameters if regex.fullmatch(n)]:
-                actions.append(_parameter_action(modules, name, style, tp))
-        return actions
+# ---- tensor parallel --------------------------------------------------------------------------------------
+
+
+def _tensor_parallel_actions(hf_model: nn.Module, tp: CommGroup) -> list[Action]:
+    """What splitting ``hf_model`` takes, one action per module or parameter; raises if it cannot be split."""
+    if tp.size == 1:
+        return []
+    plan = _tensor_parallel_plan(hf_model)
+    modules = dict(hf_model.named_modules())
+    parameters = dict(hf_model.named_parameters())
+    actions = _vocabulary_actions(hf_model, tp)
+    for pattern, style in plan.items():
+        if style in _VOCAB_STYLES or style in _NO_OP_STYLES:
+            continue
+        regex = re.compile(re.escape(pattern).replace(r"\*", r"\d+"))
+        for name in [n for n in modules if regex.fullmatch(n)]:
+            actions.append(_module_action(hf_model, modules, name, style, tp))
+        for name in [n for n in parameters if regex.fullmatch(n)]:
+            actions.append(_parameter_action(modules, name, style, tp))
+    return actions
 
 
 def _tensor_parallel_plan(hf_model: nn.Module) -> dict[str, str]:
-    """The model's plan (names relative to ``hf_model``), else one inferred from standard names."""
-    plan = {name: style for name, style in (getattr(hf_model, "_tp_plan", None) or {}).items()
-            if style not in _VOCAB_STYLES and name not in _vocabulary_names(hf_model)}
-    if plan:
-        return plan
+    """The model's plan (names relative to ``hf_model``; embeddings excluded), else one inferred from standard
+    names when the model declares none at all."""
+    declared = getattr(hf_model, "_tp_plan", None) or {}
+    if declared:
+        vocabulary = _vocabulary_names(hf_model)
+        return {name: style for name, style in declared.items() if style not in _VOCAB_STYLES and name not in vocabulary}
+    plan = {}
     for name, module in hf_model.named_modules():
-        children = {child for child, sub in module.named_children() if _is_linear(sub)}
-        group = next((g for g in _INFERRED_GROUPS if children == set(g)), None)
-        if group is not None:
+        children = dict(module.named_children())
+        linear = {child for child, sub in children.items() if _is_linear(sub)}
+        group = next((g for g in _INFERRED_GROUPS if linear == set(g)), None)
+        # Only where nothing else in the module has weights (a norm over a split projection would see a part of
+        # it, per-head parameters such as attention sinks would not be split).
+        others = [sub for child, sub in children.items() if child not in linear]
+        weighted = next(module.parameters(recurse=False), None) is not None or any(
+            next(sub.parameters(), None) is not None for sub in others)
+        if group is not None and not weighted:
             plan.update({f"{name}.{child}" if name else child: style for child, style in group.items()})
     if not plan:
         raise UnsupportedModelError(
@@ -237,11 +256,11 @@ def _module_action(hf_model: nn.Module, modules: dict[str, nn.Module], name: str
 
         def build() -> nn.Module:
             return RowParallelLinear(in_features, out_features, has_bias, tp, input_is_parallel=style == "rowwise")
-    elif style in ("colwise", "colwise_gather_output", "colwise_rep"):
+    elif style in ("colwise", "colwise_gather_output", "colwise_rep", "heads_colwise"):
         slices = [_column_slice(modules, parent_name, leaf, out_features, tp, what)]
 
         def build() -> nn.Module:
-            return ColumnParallelLinear(in_features, slices, has_bias, tp, gather_output=style != "colwise")
+            return ColumnParallelLinear(in_features, slices, has_bias, tp, gather_output=style.startswith("colwise_"))
     elif style == "packed_colwise":
         if out_features % 2:
             raise UnsupportedModelError(f"{name} packs two projections into an odd {out_features} features")
@@ -249,8 +268,10 @@ def _module_action(hf_model: nn.Module, modules: dict[str, nn.Module], name: str
 
         def build() -> nn.Module:
             return ColumnParallelLinear(in_features, slices, has_bias, tp)
-    elif style == "fused_qkv":  # q|k|v of equal widths (no grouped-query attention)
-        width = out_features // 3
+    elif style == "fused_qkv":  # q|k|v of equal widths, split by the module's split_size (GPT-2)
+        width = getattr(parent, "split_size", None)
+        if width is None or 3 * width != out_features:
+            raise UnsupportedModelError(f"{name} is not three projections of its split_size laid end to end")
         heads = width // _head_dim(parent, width)
         split = _head_split(heads, heads, tp, name)
         slices = [split.query(None, width // heads)] * 3
@@ -264,10 +285,20 @@ def _module_action(hf_model: nn.Module, modules: dict[str, nn.Module], name: str
         weight, bias = _linear_weights(module)
         layer = build().to(weight.dtype).load_full(weight, bias)
         setattr(parent, leaf, layer)
-        if style == "fused_qkv" and hasattr(parent, "split_size"):  # GPT-2 splits its c_attn output by this
+        if style == "fused_qkv":  # GPT-2 splits its c_attn output by this
             parent.split_size = layer.out_features // 3
+        if style == "heads_colwise" and leaf in _QUERY_NAMES + _KV_NAMES:
+            _localize_head_counts(parent, leaf, layer.out_features)
 
     return split
+
+
+def _localize_head_counts(attention: nn.Module, leaf: str, local_features: int) -> None:
+    """Attention modules of models without a plan may shape their heads by these attributes (OPT does)."""
+    names = ("num_heads", "num_attention_heads") if leaf in _QUERY_NAMES else ("num_key_value_heads", "num_kv_heads")
+    for name in names:
+        if isinstance(getattr(attention, name, None), int):
+            setattr(attention, name, local_features // attention.head_dim)
 
 
 def _head_split(num_heads: int, num_kv_heads: int, tp: CommGroup, where: str) -> HeadSplit:

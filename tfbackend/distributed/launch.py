@@ -82,17 +82,20 @@ class LocalRanks:
             self._watcher.start()
 
     def _watch(self) -> None:
+        """A rank that exits with code 0 was told to stop; any other exit is a death."""
         sentinels = {process.sentinel: rank for rank, process in self.processes.items()}
-        ready = multiprocessing.connection.wait(list(sentinels))
-        if self._stopping.is_set():
-            return
-        rank = sentinels[ready[0]]
-        process = self.processes[rank]
-        process.join()
-        self.dead = (rank, process.exitcode)
-        logger.error("rank %d (pid %d) exited with code %s", rank, process.pid, process.exitcode)
-        if self.on_death is not None:
-            self.on_death(rank, process.exitcode)
+        while sentinels:
+            for sentinel in multiprocessing.connection.wait(list(sentinels)):
+                rank = sentinels.pop(sentinel)
+                process = self.processes[rank]
+                process.join()
+                if process.exitcode == 0 or self._stopping.is_set():
+                    continue
+                self.dead = (rank, process.exitcode)
+                logger.error("rank %d (pid %d) exited with code %s", rank, process.pid, process.exitcode)
+                if self.on_death is not None:
+                    self.on_death(rank, process.exitcode)
+                return
 
     def wait(self) -> int:
         """Wait for every rank to exit; the worst exit code (0 if all succeeded)."""
@@ -101,6 +104,10 @@ class LocalRanks:
             process.join()
             codes.append(process.exitcode)
         return max((abs(code) for code in codes if code), default=0)
+
+    def expect_exit(self) -> None:
+        """From now on ranks exiting are no deaths (they are being stopped)."""
+        self._stopping.set()
 
     def stop(self, timeout: float = 10.0) -> None:
         """Let the ranks finish on their own within ``timeout`` seconds, then terminate, then kill them."""

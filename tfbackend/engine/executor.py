@@ -102,6 +102,7 @@ class Executor:
         if self._closed:
             return
         self._closed = True
+        self.ranks.expect_exit()
         if self.failure is None and dist.is_initialized() and hasattr(self, "steps"):
             try:
                 self.steps.send_stop()
