@@ -36,8 +36,8 @@ from tfbackend.attention_bridge import (
     RecordedCall,
     probe_attention_calls,
 )
-from tfbackend.hf_classes import causal_lm_class, stateful_layer_types
 from tfbackend.distributed.hf_parallel import HFParallelLayout, HFPipelineStage
+from tfbackend.hf_classes import causal_lm_class, stateful_layer_types
 from tfbackend.kernels.hf_experts import use_fused_experts
 from tfbackend.kv_cache import KVCache, KVCacheSpec
 from tfbackend.model_interface import AttentionLayerSpec, CausalLM, IntermediateTensors, UnsupportedModelError
