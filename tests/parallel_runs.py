@@ -36,3 +36,26 @@ def generate(
         return [out.outputs[0].token_ids for out in outputs], llm.engine.worker.kv_specs
     finally:
         llm.engine.shutdown()
+
+
+def compiled_forward_difference(model_dir: Path, model_impl: str) -> float:
+    """Run on every rank (``run_spmd``): this rank's share of the model, eager and through
+    ``torch.compile(fullgraph=True)`` (a graph break, e.g. at a collective, raises); the largest difference of
+    their hidden states for one prefill."""
+    from tfbackend.attention import ForwardContext, forward_context, metadata_for_chunks
+    from tfbackend.attention.torch_backend import TorchAttentionBackend
+    from tfbackend.hf_classes import load_hf_config
+    from tfbackend.kv_cache import KVCache
+    from tfbackend.registry import load_model
+
+    model, _ = load_model(model_dir, load_hf_config(model_dir, False), model_impl, torch.float32, torch.device("cpu"))
+    spec = KVCacheSpec(tuple(model.attention_layers()), torch.float32, 4)
+    compiled = torch.compile(model.forward, dynamic=True, fullgraph=True, backend="aot_eager")
+    hidden = []
+    for forward in (model.forward, compiled):
+        block_tables = torch.arange(4, dtype=torch.int32)[None]
+        positions, metadata = metadata_for_chunks([0], [11], block_tables, 4)
+        context = ForwardContext(metadata, KVCache(spec, 4, torch.device("cpu")), TorchAttentionBackend())
+        with torch.inference_mode(), forward_context(context):
+            hidden.append(forward(torch.arange(3, 14), positions))
+    return (hidden[0] - hidden[1]).abs().max().item()

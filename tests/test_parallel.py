@@ -9,8 +9,11 @@ own heads (or, replicated, the one KV head its query heads read) and its own sta
 from __future__ import annotations
 
 import pytest
-from tests.parallel_runs import NEW_TOKENS, generate, prompts_below
+from tests.parallel_runs import NEW_TOKENS, compiled_forward_difference, generate, prompts_below
 from tests.tiny_models import hf_greedy, make_checkpoint
+
+from tfbackend.distributed.launch import run_spmd
+from tfbackend.distributed.rendezvous import Rendezvous, free_port
 
 # name -> (model_type, checkpoint overrides, expected KV heads per rank at TP=2)
 NATIVE = {
@@ -79,3 +82,12 @@ def test_check_compares_implementations_under_tensor_parallelism(tmp_path, capsy
     assert main(["check", str(tmp_path), "-tp", "2", "--max-tokens", "4"]) == 0
     assert "verdict: MATCH" in capsys.readouterr().out
 
+
+
+@pytest.mark.parametrize("model_type, model_impl", [("llama", "native"), ("mixtral", "transformers")])
+def test_tensor_parallel_model_compiles_as_one_graph(model_type, model_impl, tmp_path):
+    """What CUDA graphs capture on a GPU is the compiled forward: with its all-reduces (and, for the MoE, the
+    experts' output hook) it must trace as one graph and compute what the eager model computes."""
+    make_checkpoint(model_type, tmp_path)
+    rendezvous = Rendezvous("127.0.0.1", free_port(), 2, 1, 1, "cpu")
+    assert run_spmd(compiled_forward_difference, (tmp_path, model_impl), rendezvous) == 0.0
