@@ -2,7 +2,8 @@
 
 Processes come from a fork server that has imported tfbackend (torch, transformers) once: a rank then starts
 in a fraction of a second instead of importing everything again, and never inherits the state of the
-process that asked for it (threads, a CUDA context). A rank that fails leaves its error in the store
+process that asked for it (threads, a CUDA context). ``TFBACKEND_RANK_START_METHOD=spawn`` starts each rank
+from scratch instead. A rank that fails leaves its error in the store
 (``report_failure``), so the driver can say what went wrong instead of only that a connection closed.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import multiprocessing.connection
 import threading
 import traceback
@@ -32,11 +34,20 @@ logger = logging.getLogger(__name__)
 
 # What the fork server imports once: everything a rank needs (engine, both model paths, torch, transformers).
 PRELOAD = ["tfbackend.engine.worker", "tfbackend.adapter", "tfbackend.native.llama"]
+# "forkserver" (default) or "spawn" (every rank imports everything itself: slower, shares nothing).
+START_METHOD_ENV = "TFBACKEND_RANK_START_METHOD"
 
 
 def process_context() -> multiprocessing.context.BaseContext:
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(PRELOAD)
+    method = os.environ.get(START_METHOD_ENV, "forkserver")
+    if method not in ("forkserver", "spawn"):
+        raise ValueError(f"{START_METHOD_ENV} must be forkserver or spawn, got {method!r}")
+    context = multiprocessing.get_context(method)
+    if method == "forkserver":
+        # A CUDA driver initialised in the fork server would be unusable in its children: should any import ask
+        # whether CUDA is available, let it ask NVML instead of initialising the driver.
+        os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+        context.set_forkserver_preload(PRELOAD)
     return context
 
 

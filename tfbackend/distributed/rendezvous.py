@@ -9,6 +9,7 @@ from the store, so other nodes need only the rendezvous flags.
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import socket
 import time
@@ -28,6 +29,8 @@ COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)
 # Workers wait for the next step on the host group for as long as the server stays idle; a rank that dies
 # closes its connections, which wakes them at once.
 IDLE_TIMEOUT = datetime.timedelta(days=365)
+
+logger = logging.getLogger(__name__)
 
 CONFIG_KEY = "tfbackend/engine_config"
 
@@ -133,8 +136,12 @@ def init_rank(rendezvous: Rendezvous, rank: int, store: dist.Store) -> ParallelC
 
 
 def close_process_groups() -> None:
+    """Leave every process group (also after a failure, when the groups may be aborted already)."""
     if dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            dist.destroy_process_group()
+        except Exception:  # an aborted NCCL communicator; nothing is left to release
+            logger.warning("could not destroy the process groups cleanly", exc_info=True)
 
 
 def free_port() -> int:
