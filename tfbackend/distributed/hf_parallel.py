@@ -91,8 +91,9 @@ Action = Callable[[], None]
 
 
 class HFParallelLayout:
-    """How this rank builds its share of an HF model: validated on an empty copy at construction, applied to
-    the loaded model by ``apply``. On a single process everything here is a no-op."""
+    """How this rank builds its share of an HF model: ``refusal`` checks the model can be split (the fallback's
+    ``supports`` asks it), ``loading_turn`` and ``load_device`` say when and where to load it, ``apply`` cuts the
+    loaded model. On a single process everything here is a no-op."""
 
     def __init__(self, model_dir: str | Path, device: torch.device):
         self.parallel = current_parallel()
@@ -162,7 +163,7 @@ def _tensor_parallel_actions(hf_model: nn.Module, tp: CommGroup) -> list[Action]
     parameters = dict(hf_model.named_parameters())
     actions = _vocabulary_actions(hf_model, tp)
     for pattern, style in plan.items():
-        if style in _VOCAB_STYLES or style in _NO_OP_STYLES:
+        if style in _NO_OP_STYLES:
             continue
         regex = re.compile(re.escape(pattern).replace(r"\*", r"\d+"))
         for name in [n for n in modules if regex.fullmatch(n)]:

@@ -149,11 +149,13 @@ def run_worker(rendezvous: Rendezvous, rank: int) -> None:
 
 
 def _check_same_layout(rendezvous: Rendezvous, config: EngineConfig) -> None:
-    """A node started with other parallel sizes than the driver's would number its ranks wrongly."""
-    driver = (config.tensor_parallel_size, config.pipeline_parallel_size, config.nnodes)
-    here = (rendezvous.tensor_parallel_size, rendezvous.pipeline_parallel_size, rendezvous.nnodes)
+    """A node started with other parallel sizes than the driver's would number its ranks wrongly, one on
+    another kind of device would speak another backend."""
+    driver = (config.tensor_parallel_size, config.pipeline_parallel_size, config.nnodes, config.torch_device().type)
+    here = (rendezvous.tensor_parallel_size, rendezvous.pipeline_parallel_size, rendezvous.nnodes,
+            rendezvous.device_type)
     if driver != here:
         raise ValueError(
-            f"this node was started with tensor_parallel_size, pipeline_parallel_size, nnodes = {here}, the "
-            f"driver runs {driver}: start every node with the same sizes"
+            f"this node was started with tensor_parallel_size, pipeline_parallel_size, nnodes, device = {here}, "
+            f"the driver runs {driver}: start every node with the same sizes and device"
         )

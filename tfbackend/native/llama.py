@@ -25,6 +25,7 @@ from tfbackend.distributed.layers import (
     ColumnParallelLinear,
     HeadSplit,
     ParallelLMHead,
+    Take,
     RowParallelLinear,
     VocabParallelEmbedding,
     check_head_split,
@@ -228,7 +229,7 @@ class LlamaForCausalLM(NativeCausalLM):
             return not self.first_stage and (self.lm_head is None or not self.config.tie_word_embeddings)
         return name.startswith("model.norm.") and not self.last_stage
 
-    def checkpoint_targets(self):
+    def checkpoint_targets(self) -> dict[str, tuple[torch.Tensor, Take | None]]:
         targets = super().checkpoint_targets()
         if self.lm_head is not None and self.config.tie_word_embeddings:
             targets["model.embed_tokens.weight"] = targets.pop("lm_head.weight")
