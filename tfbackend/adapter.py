@@ -36,10 +36,11 @@ from tfbackend.attention_bridge import (
     RecordedCall,
     probe_attention_calls,
 )
+from tfbackend.distributed.hf_parallel import HFParallelLayout, HFPipelineStage
 from tfbackend.hf_classes import causal_lm_class, stateful_layer_types
 from tfbackend.kernels.hf_experts import use_fused_experts
 from tfbackend.kv_cache import KVCache, KVCacheSpec
-from tfbackend.model_interface import AttentionLayerSpec, CausalLM, UnsupportedModelError
+from tfbackend.model_interface import AttentionLayerSpec, CausalLM, IntermediateTensors, UnsupportedModelError
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,10 @@ STEP_TOLERANCE = {torch.float32: 1e-3, torch.float16: 3e-2, torch.bfloat16: 3e-2
 
 class TransformersForCausalLM(CausalLM):
     """Wraps an HF ``*ForCausalLM`` behind the engine's model contract."""
+
+    # Split by the model's tensor-parallel plan and pipeline plan (tfbackend.distributed.hf_parallel).
+    supports_tensor_parallel = True
+    supports_pipeline_parallel = True
 
     def __init__(self, hf_model: nn.Module):
         super().__init__()
@@ -68,6 +73,7 @@ class TransformersForCausalLM(CausalLM):
         self.logits_scaling = getattr(text_config, "logits_scaling", None)  # granite: divide
         self.plain_head = False
         self.layers: list[AttentionLayerSpec] = []
+        self.stage: HFPipelineStage | None = None  # this rank's layers, under pipeline parallelism
 
     @classmethod
     def supports(cls, hf_config) -> str | None:
@@ -85,7 +91,7 @@ class TransformersForCausalLM(CausalLM):
                 f"{hf_class.__name__} has layers that keep state outside attention ({', '.join(stateful)}), "
                 f"which a paged KV cache cannot hold"
             )
-        return None
+        return HFParallelLayout.refusal(hf_class, hf_config)  # None on a single process
 
     @classmethod
     def load(cls, model_dir: str | Path, hf_config, dtype: torch.dtype, device: torch.device):
@@ -94,15 +100,20 @@ class TransformersForCausalLM(CausalLM):
         transformers' own loader does the streaming (tensor by tensor from safetensors, applying the
         checkpoint-format conversions it knows, e.g. per-expert MoE weights into fused ones), so a
         checkpoint that loads in HF loads here, and no second copy of the weights is ever materialised.
+        With several ranks the checkpoint loads on the CPU and only this rank's share moves to ``device``.
         """
         hf_class = causal_lm_class(hf_config)
-        hf_model = hf_class.from_pretrained(
-            model_dir, config=hf_config, dtype=dtype, device_map=str(device),
-            attn_implementation=ATTN_IMPLEMENTATION,
-        )
-        hf_model.eval().requires_grad_(False)
+        layout = HFParallelLayout(model_dir, device)  # this rank's share of the model, when several
+        with layout.loading_turn():
+            hf_model = hf_class.from_pretrained(
+                model_dir, config=hf_config, dtype=dtype, device_map=str(layout.load_device),
+                attn_implementation=ATTN_IMPLEMENTATION,
+            )
+            hf_model.eval().requires_grad_(False)
+            stage = layout.apply(hf_model)
         use_fused_experts(hf_model)  # MoE experts through our fused kernel where it reproduces them; else HF's
         model = cls(hf_model)
+        model.stage = stage
         with torch.inference_mode():
             model._map_attention_calls()
             model._check_steps_compose()
@@ -112,7 +123,17 @@ class TransformersForCausalLM(CausalLM):
     def attention_layers(self) -> list[AttentionLayerSpec]:
         return list(self.layers)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, intermediate: IntermediateTensors | None = None
+    ) -> torch.Tensor | IntermediateTensors:
+        if self.stage is None:
+            return self._hidden_states(input_ids, positions)
+        return self.stage.forward(lambda: self._hidden_states(input_ids, positions), intermediate)
+
+    def pipeline_intermediates(self) -> dict[str, int]:
+        return {"hidden": self.config.get_text_config().hidden_size}
+
+    def _hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """``input_ids[T]``, ``positions[T]`` -> ``hidden[T, H]`` (after the final norm)."""
         out = self.base_model(
             input_ids=input_ids.unsqueeze(0),
@@ -208,7 +229,7 @@ class TransformersForCausalLM(CausalLM):
         def step(start: int, end: int) -> torch.Tensor:
             positions, metadata = metadata_for_chunks([start], [end - start], block_table, block_size)
             with forward_context(ForwardContext(metadata, cache, TorchAttentionBackend())):
-                return self.forward(input_ids[start:end], positions).float()
+                return self._hidden_states(input_ids[start:end], positions).float()
 
         whole = step(0, PROBE_LENGTH)
         cache.storage.zero_()

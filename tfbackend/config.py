@@ -27,12 +27,23 @@ class EngineConfig:
     enforce_eager: bool = False
     seed: int = 0
     trust_remote_code: bool = False  # run modeling code that a checkpoint ships (its auto_map)
+    # Several GPUs (or CPU processes): ranks = tensor_parallel_size x pipeline_parallel_size, one process each,
+    # spread evenly over nnodes nodes that meet at master_addr:master_port (node 0 runs the engine).
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int | None = None  # default on one node: any free port; several nodes must name one
 
     def validate(self) -> None:
         positive = {
             "block_size": self.block_size,
             "max_num_seqs": self.max_num_seqs,
             "max_num_batched_tokens": self.max_num_batched_tokens,
+            "tensor_parallel_size": self.tensor_parallel_size,
+            "pipeline_parallel_size": self.pipeline_parallel_size,
+            "nnodes": self.nnodes,
         }
         for name, value in positive.items():
             if value < 1:
@@ -47,6 +58,27 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise ValueError(f"kv_cache_memory must be positive, got {self.kv_cache_memory}")
+        self._validate_parallel()
+
+    def _validate_parallel(self) -> None:
+        if self.world_size % self.nnodes:
+            raise ValueError(
+                f"tensor_parallel_size x pipeline_parallel_size = {self.world_size} ranks cannot be spread evenly "
+                f"over {self.nnodes} nodes"
+            )
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"node_rank must be in [0, {self.nnodes}), got {self.node_rank}")
+        if self.nnodes > 1 and self.master_port is None:
+            raise ValueError("several nodes need a --master-port to meet at (and the same --master-addr)")
+        if self.world_size > 1 and self.device.startswith("cuda:"):
+            raise ValueError(
+                f"device {self.device!r} names one GPU; with several ranks pass 'cuda' (rank i of a node uses cuda:i)"
+            )
+
+    @property
+    def world_size(self) -> int:
+        """Processes that run the model: one per tensor-parallel rank of each pipeline stage."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":

@@ -20,7 +20,8 @@ class LLM:
 
     Keyword arguments are those of ``EngineConfig`` (``model_impl``, ``dtype``, ``device``,
     ``block_size``, ``max_model_len``, ``max_num_seqs``, ``max_num_batched_tokens``,
-    ``enable_prefix_caching``, ``kv_cache_memory``, ``gpu_memory_utilization``, ``seed``, ...).
+    ``enable_prefix_caching``, ``kv_cache_memory``, ``gpu_memory_utilization``, ``seed``,
+    ``tensor_parallel_size``, ``pipeline_parallel_size``, ...).
     """
 
     def __init__(self, model: str | None = None, *, config: EngineConfig | None = None, **kwargs):

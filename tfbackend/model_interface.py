@@ -61,6 +61,10 @@ class SequenceStateSpec:
         return self.fixed_bytes + self.bytes_per_token * num_tokens
 
 
+# The activations a pipeline stage hands the next one, by name; each ``[T, width]`` in the model dtype.
+IntermediateTensors = dict[str, torch.Tensor]
+
+
 class CausalLM(nn.Module, ABC):
     """A decoder the engine can run: a flattened step of tokens in, hidden states out, logits on demand.
 
@@ -71,11 +75,23 @@ class CausalLM(nn.Module, ABC):
 
     The class attributes say which engine features the implementation allows: prompts split over several
     steps, prefix caching (a prompt resuming from another sequence's cached blocks) and CUDA graphs.
+
+    Several ranks (``tfbackend.distributed``): ``load`` runs in every rank's process, and
+    ``tfbackend.distributed.current_parallel()`` says which rank it builds. A class that sets
+    ``supports_tensor_parallel`` holds only its rank's share of the weights and heads, declares only its own
+    heads in ``attention_layers`` and returns full logits from ``compute_logits`` on every rank of its stage.
+    One that sets ``supports_pipeline_parallel`` builds only its stage's layers (``attention_layers`` lists
+    those, numbered from 0), its ``forward`` takes the previous stage's ``intermediate`` tensors (None on the
+    first stage) and returns ``IntermediateTensors`` on every stage but the last, as ``pipeline_intermediates``
+    declares them; ``compute_logits`` runs on the last stage only. The registry refuses a class for a
+    parallel layout it does not declare.
     """
 
     supports_chunked_prefill: bool = True
     supports_prefix_caching: bool = True
     supports_cuda_graphs: bool = True
+    supports_tensor_parallel: bool = False
+    supports_pipeline_parallel: bool = False
 
     @classmethod
     def supports(cls, hf_config) -> str | None:
@@ -112,3 +128,7 @@ class CausalLM(nn.Module, ABC):
         """Per-sequence memory kept outside the paged KV cache, which bounds how many sequences run at once;
         None when everything lives in the paged cache."""
         return None
+
+    def pipeline_intermediates(self) -> dict[str, int]:
+        """Pipeline-parallel classes: the name and width of each tensor one stage hands the next."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement pipeline parallelism")

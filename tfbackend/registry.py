@@ -19,6 +19,7 @@ from importlib.metadata import entry_points
 import torch
 import torch.nn as nn
 
+from tfbackend.distributed import current_parallel
 from tfbackend.hf_classes import causal_lm_class, remote_code_class_ref
 from tfbackend.model_interface import UnsupportedModelError
 
@@ -92,7 +93,13 @@ def _import_class(spec: str | type[nn.Module]) -> type[nn.Module]:
 
 
 def _supports(model_class, hf_config) -> str | None:
-    """A class's ``supports(hf_config)``; plugin classes without one are taken to support their configs."""
+    """A class's ``supports(hf_config)``; plugin classes without one are taken to support their configs.
+    Under tensor or pipeline parallelism the class must also declare that it implements it."""
+    parallel = current_parallel()
+    for size, flag, name in ((parallel.tp.size, "supports_tensor_parallel", "tensor"),
+                             (parallel.pp_size, "supports_pipeline_parallel", "pipeline")):
+        if size > 1 and not getattr(model_class, flag, False):
+            return f"it does not implement {name} parallelism"
     supports = getattr(model_class, "supports", None)
     return supports(hf_config) if supports is not None else None
 
@@ -125,7 +132,7 @@ def candidates(hf_config, model_impl: str = "auto") -> tuple[list[ResolvedModel]
                 refusals.append(f"native {native.__name__} declines: {refusal}")
     if model_impl in ("auto", "transformers"):
         fallback = _import_class(FALLBACK_CLASS)
-        refusal = fallback.supports(hf_config)
+        refusal = _supports(fallback, hf_config)
         if refusal is None:
             wrapped = f"wrapping {causal_lm_class(hf_config).__name__} from transformers"
             if model_impl == "transformers":
@@ -135,7 +142,7 @@ def candidates(hf_config, model_impl: str = "auto") -> tuple[list[ResolvedModel]
             refusals.append(f"Transformers fallback declines: {refusal}")
     if model_impl in ("auto", "compat"):
         compat = _import_class(COMPAT_CLASS)
-        refusal = compat.supports(hf_config)
+        refusal = _supports(compat, hf_config)
         if refusal is None:
             running = (
                 f"running {causal_lm_class(hf_config).__name__} with its own attention and caches, continuously "

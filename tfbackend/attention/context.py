@@ -8,6 +8,7 @@ metadata here. Calling attention outside a context is a bug and raises.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Optional
@@ -33,26 +34,28 @@ class ForwardContext:
         return count % calls_per_forward
 
 
-_current: ForwardContext | None = None
+# Per thread (and per asyncio task): two engines in one process, each stepped by its own thread, never see
+# each other's step.
+_current: contextvars.ContextVar[ForwardContext | None] = contextvars.ContextVar("tfbackend_forward", default=None)
 
 
 @contextlib.contextmanager
 def forward_context(context: ForwardContext) -> Iterator[ForwardContext]:
-    global _current
-    previous, _current = _current, context
+    token = _current.set(context)
     try:
         yield context
     finally:
-        _current = previous
+        _current.reset(token)
 
 
 def get_forward_context() -> ForwardContext:
-    if _current is None:
+    current = _current.get()
+    if current is None:
         raise RuntimeError(
             "paged attention was called outside a forward context: models must run inside "
             "`with forward_context(...)` (the model runner sets it for every step)"
         )
-    return _current
+    return current
 
 
 def paged_attention(

@@ -37,21 +37,25 @@ class ModelCost:
     attention_flops_per_pair: int  # per (query, key) pair, all layers and heads
 
     @classmethod
-    def from_checkpoint(cls, model_dir: Path, hf_config, kv_spec: KVCacheSpec) -> ModelCost:
-        """The checkpoint's sizes, and the KV layout the loaded model declared (``kv_spec``, any block size)."""
+    def from_checkpoint(
+        cls, model_dir: Path, hf_config, kv_specs: list[KVCacheSpec], tensor_parallel_size: int = 1
+    ) -> ModelCost:
+        """The checkpoint's sizes, and the KV layout each rank of the loaded model declared (``kv_specs``, one
+        per rank, any block size): the whole model's work, however many GPUs share it."""
         text = hf_config.get_text_config()
         total = _checkpoint_numel(model_dir)
         head = text.vocab_size * text.hidden_size
         embeddings = head if text.tie_word_embeddings else 2 * head
-        per_token = dataclasses.replace(kv_spec, block_size=1)
-        # Every call site attends with the config's query heads (shared-KV sites too: they read, not store).
-        widths = sum(layer.head_dim + layer.v_head_dim for layer in kv_spec.layers)
+        kv_bytes = sum(dataclasses.replace(spec, block_size=1).bytes_per_block for spec in kv_specs)
+        # Every call site attends with the config's query heads (shared-KV sites too: they read, not store);
+        # the ranks of a pipeline stage share its heads.
+        widths = sum(layer.head_dim + layer.v_head_dim for spec in kv_specs for layer in spec.layers)
         return cls(
-            weight_bytes=total * kv_spec.dtype.itemsize,
+            weight_bytes=total * kv_specs[0].dtype.itemsize,
             token_params=total - embeddings,
             lm_head_params=head,
-            kv_bytes_per_token=per_token.bytes_per_block,
-            attention_flops_per_pair=2 * text.num_attention_heads * widths,
+            kv_bytes_per_token=kv_bytes,
+            attention_flops_per_pair=2 * text.num_attention_heads * widths // tensor_parallel_size,
         )
 
     def phase_seconds(self, hw: Hardware, steps: int, tokens: int, sampled: int, kv_written: int,
@@ -98,13 +102,16 @@ def latency_floor(
     return ttft, step
 
 
-def measure_hardware(device: torch.device, dtype: torch.dtype) -> Hardware:
-    """Median copy bandwidth and matrix rate on ``device`` (small sizes on a CPU, so tests stay fast)."""
+def measure_hardware(device: torch.device, dtype: torch.dtype, num_devices: int = 1) -> Hardware:
+    """Median copy bandwidth and matrix rate on ``device`` (small sizes on a CPU, so tests stay fast), times
+    ``num_devices`` for a model split over that many: the floor assumes they share the work perfectly."""
     cuda = device.type == "cuda"
     copy_bytes, n = (1 << 30, 8192) if cuda else (32 << 20, 512)
     name = torch.cuda.get_device_name(device) if cuda else "cpu"
+    if num_devices > 1:
+        name = f"{num_devices} x {name}"
     bandwidth = 2 * copy_bytes / _copy_seconds(copy_bytes, device)
-    return Hardware(name, bandwidth, 2 * n**3 / _matmul_seconds(n, dtype, device))
+    return Hardware(name, num_devices * bandwidth, num_devices * 2 * n**3 / _matmul_seconds(n, dtype, device))
 
 
 def _copy_seconds(num_bytes: int, device: torch.device) -> float:

@@ -1,36 +1,37 @@
 """The engine: requests in, one scheduled model step at a time, outputs out.
 
 ``LLMEngine`` is synchronous and single-threaded; ``tfbackend.llm.LLM`` drives it to completion for
-offline batches and the server's async loop steps it while requests arrive. Construction (model, KV cache,
-CUDA graphs) and stepping live here; checking requests is ``request.py``, turning sampled tokens into
-outputs ``output_processor.py``, sizing the KV cache ``memory.py``.
+offline batches and the server's async loop steps it while requests arrive. Scheduling and stepping live
+here; the model's side (model, KV cache, runner, CUDA graphs) is ``worker.py``, other ranks of a multi-rank
+engine ``executor.py``; checking requests is ``request.py``, turning sampled tokens into outputs
+``output_processor.py``, sizing the KV cache ``memory.py``.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import weakref
 from dataclasses import dataclass
 
 import torch
 
-from tfbackend.attention import get_attention_backend
 from tfbackend.config import EngineConfig
+from tfbackend.distributed import SINGLE_PROCESS
 from tfbackend.engine.block_manager import BlockManager
-from tfbackend.engine.cuda_graphs import GRAPH_SAFE_BACKENDS, CompiledForward
 from tfbackend.engine.device import placeholder
-from tfbackend.engine.memory import kv_cache_budget, plan_cache
+from tfbackend.engine.errors import EngineDeadError
+from tfbackend.engine.executor import Executor
 from tfbackend.engine.model_files import eos_token_ids, load_tokenizer, max_model_len
-from tfbackend.engine.model_runner import ModelRunner, PendingStep
+from tfbackend.engine.model_runner import PendingStep
 from tfbackend.engine.output_processor import OutputProcessor
 from tfbackend.engine.request import Request, validate_request
 from tfbackend.engine.sampler import Sampler, reads_token_history
 from tfbackend.engine.scheduler import ScheduledBatch, Scheduler
 from tfbackend.engine.sequence import Sequence
-from tfbackend.kv_cache import KVCache, KVCacheSpec
-from tfbackend.outputs import RequestOutput
+from tfbackend.engine.worker import Worker
 from tfbackend.hf_classes import load_hf_config
-from tfbackend.registry import load_model
+from tfbackend.outputs import RequestOutput
 from tfbackend.sampling_params import SamplingParams
 from tfbackend.structured_output import GrammarCompiler
 
@@ -58,52 +59,43 @@ class LLMEngine:
         self.model_dir = resolve_model(config.model)
         hf_config = load_hf_config(self.model_dir, config.trust_remote_code)
         self.hf_config = hf_config
-        self.device = config.torch_device()
-        self.dtype = config.torch_dtype(hf_config, self.device)
-        torch.manual_seed(config.seed)
-        self.model, resolved = load_model(self.model_dir, hf_config, config.model_impl, self.dtype, self.device)
-        self.model_impl, self.model_impl_reason = resolved.model_impl, resolved.reason
-        logger.info("model implementation: %s (%s)", self.model_impl, self.model_impl_reason)
         self.tokenizer = load_tokenizer(config.tokenizer or self.model_dir)
         self.max_model_len = max_model_len(hf_config, config.max_model_len)
         self.eos_token_ids = eos_token_ids(self.model_dir, hf_config, self.tokenizer)
-
-        self.attention_backend = get_attention_backend(config.attention_backend, self.device)
-        self.use_cuda_graphs = self._use_cuda_graphs()
-        # Graph mode compiles the model too (enforce_eager turns both off); the profiling run compiles it.
-        self.forward = CompiledForward(self.model) if self.use_cuda_graphs else self.model
-        self.sampler = Sampler(self.device, config.seed, self.eos_token_ids)
-        spec = KVCacheSpec(tuple(self.model.attention_layers()), self.dtype, config.block_size)
-        # A model that cannot resume a prefill needs a step budget that holds the longest prompt.
-        max_batched_tokens = config.max_num_batched_tokens
-        if not self.model.supports_chunked_prefill:
-            max_batched_tokens = max(max_batched_tokens, self.max_model_len)
-        plan = plan_cache(
-            config, spec, self.model.sequence_state(), self.max_model_len,
-            lambda full_batch_bytes: kv_cache_budget(
-                config, self.device, self.use_cuda_graphs, lambda: self._profile_run(spec, max_batched_tokens),
-                full_batch_bytes,
-            ),
+        self.dead: EngineDeadError | None = None
+        # Several ranks: this process is rank 0 (the driver); the executor starts and drives the others.
+        self.executor = Executor(config, self.model_dir, hf_config) if config.world_size > 1 else None
+        parallel = SINGLE_PROCESS if self.executor is None else self.executor.parallel
+        if self.executor is not None:
+            weakref.finalize(self, self.executor.shutdown)
+        try:
+            self.device = parallel.device or config.torch_device()
+            self.sampler = Sampler(self.device, config.seed, self.eos_token_ids)
+            send_step = None if self.executor is None else self.executor.send_step
+            self.worker = Worker(config, self.model_dir, hf_config, parallel, self.sampler, send_step)
+        except BaseException as error:
+            if self.executor is None:
+                raise
+            failure = self.executor.rank_failure()
+            self.executor.shutdown()
+            if failure is None or isinstance(error, ValueError):
+                raise
+            raise EngineDeadError(f"the engine lost a rank while starting: {failure}") from error
+        worker = self.worker
+        self.dtype, self.model, self.runner = worker.dtype, worker.model, worker.runner
+        self.model_impl, self.model_impl_reason = worker.model_impl, worker.model_impl_reason
+        logger.info("model implementation: %s (%s)", self.model_impl, self.model_impl_reason)
+        self.attention_backend, self.use_cuda_graphs, self.forward = (
+            worker.attention_backend, worker.use_cuda_graphs, worker.forward
         )
-        self.kv_cache = KVCache(spec, plan.num_blocks, self.device)
-        logger.info(
-            "KV cache: %d blocks of %d tokens = %d tokens (%.1f MiB), at most %d sequences",
-            plan.num_blocks, spec.block_size, plan.num_blocks * spec.block_size,
-            self.kv_cache.storage.numel() * self.kv_cache.storage.element_size() / 2**20, plan.max_num_seqs,
-        )
+        self.kv_cache = worker.kv_cache
         prefix_caching = config.enable_prefix_caching and self.model.supports_prefix_caching
-        self.block_manager = BlockManager(plan.num_blocks, config.block_size, prefix_caching)
+        self.block_manager = BlockManager(self.kv_cache.num_blocks, config.block_size, prefix_caching)
         self.scheduler = Scheduler(
-            self.block_manager, plan.max_num_seqs, max_batched_tokens, self.model.supports_chunked_prefill
-        )
-        self.runner = ModelRunner(
-            self.model, self.kv_cache, self.attention_backend, self.sampler, self.device, self.forward
+            self.block_manager, worker.max_num_seqs, worker.max_batched_tokens, self.model.supports_chunked_prefill
         )
         self.run_ahead = self.device.type == "cuda"  # see step(); on a CPU nothing would overlap
         self._pending: PendingStep | None = None
-        if self.use_cuda_graphs:
-            max_batch = min(plan.max_num_seqs, max_batched_tokens)
-            self.runner.capture_cuda_graphs(max_batch, self.max_model_len)
         self.vocab_size = hf_config.get_text_config().vocab_size
         self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_token_ids)
         self.output_processor = OutputProcessor(
@@ -111,6 +103,18 @@ class LLMEngine:
         )
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
+
+    def shutdown(self) -> None:
+        """Stop the other ranks of a multi-rank engine (nothing to do for a single-process one)."""
+        if self.executor is not None:
+            self.executor.shutdown()
+
+    def check_health(self) -> None:
+        """Raise ``EngineDeadError`` if a rank of this engine has died."""
+        if self.dead is None and self.executor is not None and self.executor.failure is not None:
+            self.dead = EngineDeadError(f"the engine lost a rank: {self.executor.failure}")
+        if self.dead is not None:
+            raise self.dead
 
     # ---- requests -------------------------------------------------------------------------------------
 
@@ -163,6 +167,25 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one model step; return outputs of streaming requests that progressed and of finished ones.
 
+        With several ranks, any failure of a step leaves the ranks out of step: it raises ``EngineDeadError``
+        (naming the rank that died, when one did), and so does every later call.
+        """
+        self.check_health()
+        if self.executor is None:
+            return self._step()
+        try:
+            return self._step()
+        except Exception as error:
+            failure = self.executor.rank_failure()
+            self.dead = EngineDeadError(
+                f"the engine lost a rank: {failure}" if failure else f"a step failed on the driver: {error}"
+            )
+            self.executor.shutdown()
+            raise self.dead from error
+
+    def _step(self) -> list[RequestOutput]:
+        """One step (see ``step``).
+
         On CUDA the engine runs a step ahead: it queues step N+1 before it waits for step N's tokens, so the
         host's bookkeeping, scheduling and preparation overlap the GPU's work. Step N+1's inputs include step
         N's tokens as placeholders, which the device fills in. Stops are therefore seen one step late: a
@@ -211,24 +234,6 @@ class LLMEngine:
             prefix_cache_hits=bm.prefix_hits,
             num_preemptions=self.scheduler.num_preemptions,
         )
-
-    # ---- sizing ---------------------------------------------------------------------------------------
-
-    def _use_cuda_graphs(self) -> bool:
-        if self.device.type != "cuda" or self.config.enforce_eager or not self.model.supports_cuda_graphs:
-            return False
-        if self.attention_backend.name not in GRAPH_SAFE_BACKENDS:
-            logger.info("no CUDA graphs: the %s attention backend runs eagerly", self.attention_backend.name)
-            return False
-        return True
-
-    def _profile_run(self, spec: KVCacheSpec, max_batched_tokens: int) -> None:
-        """Run the largest step with a one-block KV cache and a throwaway sampler (self.sampler's RNG stays)."""
-        sampler = Sampler(self.device, self.config.seed, self.eos_token_ids)
-        runner = ModelRunner(
-            self.model, KVCache(spec, 1, self.device), self.attention_backend, sampler, self.device, self.forward
-        )
-        runner.profile_run(max_batched_tokens, self.config.max_num_seqs, self.max_model_len)
 
 
 def _without_finished(batch: ScheduledBatch) -> ScheduledBatch:

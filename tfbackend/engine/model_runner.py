@@ -21,6 +21,8 @@ import numpy as np
 import torch
 
 from tfbackend.attention import AttentionBackend, AttentionMetadata, ForwardContext, forward_context
+from tfbackend.distributed import SINGLE_PROCESS, ParallelContext
+from tfbackend.distributed.pipeline import StageLinks
 from tfbackend.engine.cuda_graphs import CUDAGraphRunner
 from tfbackend.engine.device import resolve_placeholders, upload
 from tfbackend.engine.sampler import Sampler, SamplerOutput
@@ -140,12 +142,20 @@ class ModelRunner:
         model: torch.nn.Module,
         kv_cache: KVCache,
         attention_backend: AttentionBackend,
-        sampler: Sampler,
+        sampler: Sampler | None,
         device: torch.device,
         forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        parallel: ParallelContext = SINGLE_PROCESS,
+        stages: StageLinks | None = None,
+        send_step: Callable[[StepInputs, torch.Tensor | None], None] | None = None,
     ):
         """``forward`` replaces ``model`` for the forward pass (e.g. a compiled one); logits still come from
-        ``model.compute_logits``."""
+        ``model.compute_logits``.
+
+        Several ranks: every rank has a runner and runs each step's ``run_model``; only the driver's launches
+        steps (``send_step`` hands each to the other ranks first) and samples (``sampler``; None elsewhere).
+        ``stages`` moves activations and logits between pipeline stages.
+        """
         self.model = model
         self.forward = forward if forward is not None else model
         self.kv_cache = kv_cache
@@ -154,6 +164,9 @@ class ModelRunner:
         self.device = device
         self.block_size = kv_cache.spec.block_size
         self.cuda_graphs: CUDAGraphRunner | None = None
+        self.parallel = parallel
+        self.stages = stages
+        self.send_step = send_step
 
     def capture_cuda_graphs(self, max_batch_size: int, max_model_len: int) -> None:
         """From now on, decode steps of up to ``max_batch_size`` sequences replay captured graphs."""
@@ -191,6 +204,19 @@ class ModelRunner:
         if step.input_ids.min() < 0:
             assert previous is not None, "placeholder input ids need the step that samples them"
             pending_tokens = previous.tokens
+        if self.send_step is not None:
+            self.send_step(step, pending_tokens)
+        logits = self.run_model(step, pending_tokens)
+        if logits is None:
+            return None
+        sampling_seqs = [seq for seq, sampled in zip(batch.seqs, step.sampled.tolist()) if sampled]
+        tokens, raw_logits = self.sampler.sample_on_device(logits, sampling_seqs)
+        return PendingStep(sampling_seqs, tokens, raw_logits, self.sampler)
+
+    @torch.inference_mode()
+    def run_model(self, step: StepInputs, pending_tokens: torch.Tensor | None = None) -> torch.Tensor | None:
+        """This rank's part of a step: the forward pass and, on the last pipeline stage, the logits of the
+        sampling rows. Returns those logits on the driver; None on other ranks or when no row samples."""
         if self.cuda_graphs is not None and self.cuda_graphs.can_run(step):
             hidden = self.cuda_graphs.run(step, pending_tokens)
         else:
@@ -198,15 +224,24 @@ class ModelRunner:
             if pending_tokens is not None:
                 input_ids = resolve_placeholders(input_ids, pending_tokens)
             with forward_context(ForwardContext(metadata, self.kv_cache, self.attention_backend)):
-                hidden = self.forward(input_ids, positions)
-        sampling_seqs = [seq for seq, sampled in zip(batch.seqs, step.sampled.tolist()) if sampled]
-        if not sampling_seqs:
+                if self.stages is None:
+                    hidden = self.forward(input_ids, positions)
+                else:
+                    hidden = self.forward(input_ids, positions, self.stages.receive(step.num_tokens))
+            if self.stages is not None and not self.parallel.is_last_stage:
+                self.stages.send(hidden)
+                hidden = None
+        num_rows = len(step.logits_rows)
+        if num_rows == 0:
             return None
-        if len(sampling_seqs) < step.num_tokens:  # else every row is sampled, in order (a decode step)
-            hidden = hidden[to_device(step.logits_rows, self.device)]
-        logits = self.model.compute_logits(hidden)
-        tokens, raw_logits = self.sampler.sample_on_device(logits, sampling_seqs)
-        return PendingStep(sampling_seqs, tokens, raw_logits, self.sampler)
+        logits = None
+        if hidden is not None:
+            if num_rows < step.num_tokens:  # else every row is sampled, in order (a decode step)
+                hidden = hidden[to_device(step.logits_rows, self.device)]
+            logits = self.model.compute_logits(hidden)
+        if self.stages is not None:
+            return self.stages.exchange_logits(logits, num_rows)
+        return logits if self.parallel.is_driver else None
 
     def execute(self, batch: ScheduledBatch) -> tuple[list[Sequence], SamplerOutput | None]:
         """Run the step to the end; return the sequences that sampled a token and what they sampled."""

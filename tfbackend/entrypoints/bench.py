@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     dtype = base.torch_dtype(hf_config, device)
     vocab_size = hf_config.get_text_config().vocab_size
     print(f"measuring {device} (copy bandwidth, {dtype} matrix product)...")
-    hardware = measure_hardware(device, dtype)
+    hardware = measure_hardware(device, dtype, base.world_size)
     print(f"  {hardware.bandwidth / 1e9:,.0f} GB/s, {hardware.matmul_rate / 1e12:,.1f} TFLOP/s")
     cost = _LazyCost(model_dir, hf_config)
     scenario = _throughput if args.scenario == "throughput" else _latency
@@ -130,7 +130,10 @@ class _LazyCost:
 
     def learn(self, llm: LLM) -> None:
         if self._value is None:
-            self._value = ModelCost.from_checkpoint(self.model_dir, self.hf_config, llm.engine.kv_cache.spec)
+            engine = llm.engine
+            self._value = ModelCost.from_checkpoint(
+                self.model_dir, self.hf_config, engine.worker.kv_specs, engine.config.tensor_parallel_size
+            )
 
     @property
     def value(self) -> ModelCost:
@@ -231,8 +234,11 @@ def _run_all(args, base: EngineConfig, model_dir: Path, dtype, on_engine, on_hf_
 def _with_engine(config: EngineConfig, fn) -> list[dict]:
     llm = LLM(config=config)
     try:
-        return fn(llm, f"tfbackend[{llm.model_impl}]")
+        split = "".join(f" {name}={size}" for name, size in (("tp", config.tensor_parallel_size),
+                                                              ("pp", config.pipeline_parallel_size)) if size > 1)
+        return fn(llm, f"tfbackend[{llm.model_impl}]{split}")
     finally:
+        llm.engine.shutdown()  # the next engine may need the same GPUs (and this process's process group)
         del llm
         _free_gpu_memory()
 

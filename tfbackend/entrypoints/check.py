@@ -22,6 +22,9 @@ from tfbackend.attention import (
     metadata_for_chunks,
 )
 from tfbackend.config import DTYPES
+from tfbackend.distributed import current_parallel
+from tfbackend.distributed.launch import run_spmd
+from tfbackend.distributed.rendezvous import Rendezvous, free_port
 from tfbackend.engine.model_files import load_tokenizer
 from tfbackend.hf_classes import load_hf_config
 from tfbackend.kv_cache import KVCache, KVCacheSpec
@@ -122,6 +125,23 @@ def compare(a: GreedyRun, b: GreedyRun, atol: float) -> Comparison:
     return Comparison(prefill, prefill_rows, decode, compared, first_divergence, atol)
 
 
+def greedy_runs(model_dir, impls: list[str], prompts: list[list[int]], max_tokens: int, dtype: torch.dtype,
+                device: torch.device, trust_remote_code: bool) -> list[GreedyRun]:
+    """``run_greedy`` of each implementation in turn, one model in memory at a time. Under tensor parallelism
+    every rank runs this on its share of the model (logits are gathered, so all ranks decode alike)."""
+    parallel = current_parallel()
+    device = parallel.device or device
+    runs = []
+    for impl in impls:
+        hf_config = load_hf_config(model_dir, trust_remote_code)  # fresh: HF loading may annotate it
+        model, resolved = load_model(model_dir, hf_config, impl, dtype, device)
+        if parallel.is_driver:
+            print(f"{impl}: {resolved.model_class.__module__}.{resolved.model_class.__qualname__} ({resolved.reason})")
+        runs.append(run_greedy(model, prompts, max_tokens, dtype, device))
+        del model
+    return runs
+
+
 def _impl_pair(text: str) -> list[str]:
     impls = [impl.strip() for impl in text.split(",")]
     if len(impls) != 2 or any(impl not in MODEL_IMPLS for impl in impls):
@@ -148,6 +168,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed for the default random prompts")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="run the modeling code a checkpoint ships (config.json auto_map)")
+    parser.add_argument("-tp", "--tensor-parallel-size", type=int, default=1,
+                        help="split each implementation over this many ranks, one process each (GPUs cuda:0...)")
 
 
 def _prompt_token_ids(args: argparse.Namespace, model_dir, hf_config) -> list[list[int]]:
@@ -173,13 +195,15 @@ def run(args: argparse.Namespace) -> int:
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     prompts = _prompt_token_ids(args, model_dir, load_hf_config(model_dir, args.trust_remote_code))
 
-    runs = []
-    for impl in args.model_impl:
-        hf_config = load_hf_config(model_dir, args.trust_remote_code)  # fresh: HF loading may annotate it
-        model, resolved = load_model(model_dir, hf_config, impl, dtype, device)
-        print(f"{impl}: {resolved.model_class.__module__}.{resolved.model_class.__qualname__} ({resolved.reason})")
-        runs.append(run_greedy(model, prompts, args.max_tokens, dtype, device))
-        del model  # one model in memory at a time
+    greedy_args = (model_dir, args.model_impl, prompts, args.max_tokens, dtype, device, args.trust_remote_code)
+    if args.tensor_parallel_size < 1:
+        raise ValueError(f"--tensor-parallel-size must be positive, got {args.tensor_parallel_size}")
+    if args.tensor_parallel_size == 1:
+        runs = greedy_runs(*greedy_args)
+    else:
+        rendezvous = Rendezvous("127.0.0.1", free_port(), args.tensor_parallel_size, 1, 1, device.type)
+        rendezvous.check_devices()
+        runs = run_spmd(greedy_runs, greedy_args, rendezvous)
 
     result = compare(runs[0], runs[1], args.atol)
     num_tokens = sum(map(len, prompts))

@@ -71,6 +71,18 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     add("--seed", type=int, default=defaults.seed, help="seed for requests that set none")
     add("--trust-remote-code", action="store_true",
         help="run the modeling code a checkpoint ships (config.json auto_map); only for checkpoints you trust")
+    parallel = parser.add_argument_group("parallelism (one process per rank; see docs/architecture.md)")
+    add = parallel.add_argument
+    add("-tp", "--tensor-parallel-size", type=int, default=defaults.tensor_parallel_size,
+        help="split every layer over this many GPUs (heads, MLP features and vocabulary)")
+    add("-pp", "--pipeline-parallel-size", type=int, default=defaults.pipeline_parallel_size,
+        help="split the layers into this many stages, for spanning nodes")
+    add("--nnodes", type=int, default=defaults.nnodes, help="nodes sharing the ranks evenly")
+    add("--node-rank", type=int, default=defaults.node_rank,
+        help="this node's index: 0 runs the engine, others run only workers (with --headless)")
+    add("--master-addr", default=defaults.master_addr, help="address of node 0, where the ranks meet")
+    add("--master-port", type=int, default=defaults.master_port,
+        help="port on node 0 where the ranks meet (default on one node: any free port)")
 
 
 def engine_config_from_args(args: argparse.Namespace, model_path: str | Path) -> EngineConfig:
@@ -92,6 +104,12 @@ def engine_config_from_args(args: argparse.Namespace, model_path: str | Path) ->
         enforce_eager=args.enforce_eager,
         seed=args.seed,
         trust_remote_code=args.trust_remote_code,
+        tensor_parallel_size=args.tensor_parallel_size,
+        pipeline_parallel_size=args.pipeline_parallel_size,
+        nnodes=args.nnodes,
+        node_rank=args.node_rank,
+        master_addr=args.master_addr,
+        master_port=args.master_port,
     )
     config.validate()
     return config

@@ -75,10 +75,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         f"ended (a 503, or an error event closing the stream); at most {GRACEFUL_TIMEOUT_S - 1}")
     parser.add_argument("--uvicorn-log-level", default="info", help="the HTTP server's log level",
                         choices=["critical", "error", "warning", "info", "debug", "trace"])
+    parser.add_argument(
+        "--headless", action="store_true",
+        help="on a node other than 0 (--node-rank > 0): run this node's ranks for the engine on node 0, no server",
+    )
     add_engine_args(parser)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.headless:  # the model and every engine setting come from the driver on node 0
+        from tfbackend.engine.executor import run_headless_node
+
+        return run_headless_node(engine_config_from_args(args, args.model or args.model_flag or ""))
+
     # Imported here so `tfbackend --help` and the other sub-commands do not pay for torch and FastAPI.
     import uvicorn
 
@@ -135,8 +144,14 @@ def run(args: argparse.Namespace) -> int:
     )
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
                             timeout_graceful_shutdown=GRACEFUL_TIMEOUT_S)
-    _draining_server(config, state.engine, args.drain_timeout).run()
-    return 0
+    server = _draining_server(config, state.engine, args.drain_timeout)
+    # A multi-rank engine that lost a rank cannot serve again: its requests fail, then the server exits.
+    state.engine.on_dead = lambda: setattr(server, "should_exit", True)
+    try:
+        server.run()
+    finally:
+        engine.shutdown()
+    return 1 if engine.dead is not None else 0
 
 
 def _draining_server(config, engine, drain_s: float):

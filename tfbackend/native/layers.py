@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from tfbackend.distributed.layers import CheckpointView, Take
 from tfbackend.model_interface import CausalLM
 from tfbackend.native.weights import iterate_safetensors
 
@@ -128,10 +129,11 @@ class MergedLinear(nn.Linear):
         self.output_sizes = list(shards.values())
         self.offsets = [0, *accumulate(self.output_sizes)]
 
-    def shard_views(self, param: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
-        """``(checkpoint projection name, the rows of param it loads into)`` for weight or bias."""
+    def checkpoint_views(self, module_name: str, leaf: str, param: torch.Tensor) -> Iterator[CheckpointView]:
+        """``(checkpoint tensor name, the rows of param it loads into, None)`` for weight or bias."""
+        parent = module_name.rpartition(".")[0]
         for name, offset, size in zip(self.shard_names, self.offsets, self.output_sizes):
-            yield name, param.data.narrow(0, offset, size)
+            yield _dotted(parent, name, leaf), param.data.narrow(0, offset, size), None
 
 
 class NativeCausalLM(CausalLM):
@@ -161,17 +163,21 @@ class NativeCausalLM(CausalLM):
         """Checkpoint tensors that are neither loaded nor reported as unexpected."""
         return name.endswith("rotary_emb.inv_freq")  # derived, saved by some old exports
 
-    def checkpoint_targets(self) -> dict[str, torch.Tensor]:
-        """Every checkpoint tensor the model needs -> the parameter (or rows of a merged one) it fills."""
-        targets: dict[str, torch.Tensor] = {}
+    def checkpoint_targets(self) -> dict[str, tuple[torch.Tensor, Take | None]]:
+        """Every checkpoint tensor the model needs -> the parameter (or rows of a merged one) it fills, and
+        what to cut from the tensor first (a tensor-parallel rank's slice; None: all of it).
+
+        A module that fills its parameters from other checkpoint names, or from slices, says so with a
+        ``checkpoint_views(module_name, leaf, param)`` method yielding ``(name, view, take)``.
+        """
+        targets: dict[str, tuple[torch.Tensor, Take | None]] = {}
         for module_name, module in self.named_modules():
+            views = getattr(module, "checkpoint_views", None)
             for leaf, param in module.named_parameters(recurse=False):
-                if isinstance(module, MergedLinear):
-                    parent = module_name.rpartition(".")[0]
-                    for shard_name, view in module.shard_views(param):
-                        targets[_dotted(parent, shard_name, leaf)] = view
+                if views is None:
+                    targets[_dotted(module_name, leaf)] = (param.data, None)
                 else:
-                    targets[_dotted(module_name, leaf)] = param.data
+                    targets.update((name, (view, take)) for name, view, take in views(module_name, leaf, param))
         return targets
 
     @torch.no_grad()
@@ -183,10 +189,12 @@ class NativeCausalLM(CausalLM):
         for name, tensor in weights:
             if self.skips_checkpoint_tensor(name):
                 continue
-            target = targets.get(name)
-            if target is None:
+            if name not in targets:
                 unexpected.append(name)
                 continue
+            target, take = targets[name]
+            if take is not None:
+                tensor = take(tensor)
             if tensor.shape != target.shape:
                 raise ValueError(
                     f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, "

@@ -4,8 +4,10 @@ One background thread owns the engine: it is the only caller of ``add_request``,
 ``step``, so the engine needs no locks. Handlers talk to it through a thread-safe command queue; the thread
 steps while any request is in flight and blocks on the queue when idle, so an idle server burns no CPU.
 Each request's outputs travel back to its handler through an ``asyncio.Queue`` fed with
-``loop.call_soon_threadsafe``. A failing ``step`` fails the requests in flight, never the thread; should the
-thread end anyway, everything in flight and every later submission fails at once instead of hanging.
+``loop.call_soon_threadsafe``. A failing ``step`` fails the requests in flight, never the thread, unless
+the engine has died for good (``EngineDeadError``: a rank of a multi-rank engine failed): then every request
+fails, later ones are refused, the thread stops and ``on_dead`` lets the server exit. Should the thread end
+anyway, everything in flight and every later submission fails at once instead of hanging.
 
 The waiting queue is bounded (``max_queued_seqs``): a submission that would leave more sequences than that
 waiting, once the batch's free slots have taken theirs, is refused with ``QueueFull`` (the server's 429), so
@@ -19,10 +21,11 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from tfbackend.engine.errors import EngineDeadError
 from tfbackend.outputs import RequestOutput
 from tfbackend.sampling_params import SamplingParams
 from tfbackend.server.metrics import ServerMetrics
@@ -33,6 +36,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 Prompt = str | list[int]
+# How often an idle engine thread checks that the engine's other ranks are alive.
+HEALTH_CHECK_SECONDS = 1.0
 
 
 class EngineError(RuntimeError):
@@ -143,18 +148,23 @@ class RequestStream:
 
 class AsyncEngine:
     def __init__(self, engine: LLMEngine, metrics: ServerMetrics, max_queued_seqs: int | None = None,
-                 max_running_seqs: int = 0) -> None:
+                 max_running_seqs: int = 0, on_dead: Callable[[], None] | None = None) -> None:
         """``max_queued_seqs``: most sequences waiting for admission (None: unbounded); ``max_running_seqs``:
-        the engine's batch size (``max_num_seqs``), whose free slots take waiting sequences at the next step."""
+        the engine's batch size (``max_num_seqs``), whose free slots take waiting sequences at the next step;
+        ``on_dead``: called (from the engine thread) once the engine has died for good (a rank of a
+        multi-rank engine failed): the requests in flight have failed, later ones fail at once."""
         self.engine = engine
         self.metrics = metrics
         self.max_queued_seqs = max_queued_seqs
         self.max_running_seqs = max_running_seqs
+        self.on_dead = on_dead
         self._last_counts = (0, 0)  # (running, waiting) sequences at the last step, for a cheap early refusal
         self._commands: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
         self._requests: dict[str, _Tracked] = {}
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name="tfbackend-engine", daemon=True)
+        self._dead: EngineDeadError | None = None
+        self._submit_lock = threading.Lock()  # a submission either reaches the loop or sees it dead
 
     # ------------------------------------------------------------------------------------ event loop side
 
@@ -173,7 +183,7 @@ class AsyncEngine:
 
     @property
     def is_alive(self) -> bool:
-        return self._thread.is_alive() and not self._stopped
+        return self._thread.is_alive() and not self._stopped and self._dead is None
 
     def queue_is_full(self, num_seqs: int) -> bool:
         """Whether ``num_seqs`` more sequences would overflow the waiting queue, as of the last step."""
@@ -193,11 +203,14 @@ class AsyncEngine:
         Returns once the engine has admitted them, so a bad prompt raises ValueError here, before a
         streaming response has sent its headers.
         """
-        if not self.is_alive:
-            raise EngineUnavailable("the engine is not running (the server is shutting down or has failed)")
         sink = _Sink()
         stream = RequestStream(self, list(request_ids), sink)
-        self._commands.put(_Add(list(request_ids), list(prompts), params, sink))
+        with self._submit_lock:
+            if self._dead is not None:
+                raise EngineUnavailable(f"the engine is dead: {self._dead}")
+            if not self.is_alive:
+                raise EngineUnavailable("the engine is not running (the server is shutting down or has failed)")
+            self._commands.put(_Add(list(request_ids), list(prompts), params, sink))
         await stream.wait_accepted()
         return stream
 
@@ -227,14 +240,26 @@ class AsyncEngine:
                     self._handle(command)
                 if self._requests:
                     self._step()
+                else:
+                    self._check_health()
+            except EngineDeadError as exc:  # no step can run any more: fail everything and stop
+                logger.error("the engine died: %s", exc)
+                self._die(exc)
+                return
             except Exception as exc:  # from step() or our bookkeeping: lose the requests in flight, not the loop
                 logger.exception("engine loop failed; failing the %d requests in flight", len(self._requests))
                 self._fail_all(EngineError(f"the engine failed while running this request: {exc}"), status="failed")
             self._record_stats()
 
     def _drain(self, block: bool) -> list[_Add | _Abort | None]:
-        """All queued commands; waits for one when there is nothing to step, so an idle server sleeps."""
-        commands = [self._commands.get()] if block else []
+        """All queued commands; waits for one when there is nothing to step, so an idle server sleeps (waking
+        now and then to check that the engine's other ranks are alive)."""
+        commands = []
+        if block:
+            try:
+                commands.append(self._commands.get(timeout=HEALTH_CHECK_SECONDS))
+            except queue.Empty:
+                return commands
         while True:
             try:
                 commands.append(self._commands.get_nowait())
@@ -302,6 +327,22 @@ class AsyncEngine:
         self.metrics.generation_tokens(new_tokens)
         tracked.num_generated = generated
         tracked.last_token_time = now
+
+    def _check_health(self) -> None:
+        check = getattr(self.engine, "check_health", None)
+        if check is not None:
+            check()
+
+    def _die(self, exc: EngineDeadError) -> None:
+        with self._submit_lock:
+            self._dead = exc
+        self._fail_all(EngineError(f"the engine died: {exc}"), status="failed")
+        for command in self._drain(block=False):  # submitted before it died: answer them
+            if isinstance(command, _Add):
+                self.metrics.request_done("failed", len(command.request_ids))
+                command.sink.put(EngineError(f"the engine died: {exc}"))
+        if self.on_dead is not None:
+            self.on_dead()
 
     def _fail_all(self, error: EngineError, status: str) -> None:
         failed = list(self._requests.items())

@@ -1,0 +1,161 @@
+"""What every rank of an engine holds, and the loop that the ranks other than the driver run.
+
+``Worker`` builds one rank's share of the engine: the model (this rank's weights, heads and layers), the
+attention backend, the KV cache, the runner and its CUDA graphs. The KV cache gets what this rank can spare,
+and the smallest budget of all ranks decides for all of them, so that a block id means the same on every rank.
+The driver's ``LLMEngine`` builds its worker with the sampler; every other rank builds one in ``run_worker``
+and then runs the steps the driver broadcasts until told to stop. Building runs the same collectives in the
+same order on every rank (the model's load checks, the profiled largest step, the graph captures), which
+keeps the ranks in step without any message.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from tfbackend.attention import get_attention_backend
+from tfbackend.config import EngineConfig
+from tfbackend.distributed import ParallelContext, use_parallel
+from tfbackend.distributed.launch import report_failure
+from tfbackend.distributed.pipeline import StageLinks
+from tfbackend.distributed.rendezvous import (
+    CONFIG_KEY,
+    Rendezvous,
+    close_process_groups,
+    connect_store,
+    init_rank,
+    joined_key,
+)
+from tfbackend.engine.cuda_graphs import GRAPH_SAFE_BACKENDS, CompiledForward
+from tfbackend.engine.memory import kv_cache_budget, plan_cache
+from tfbackend.engine.model_files import max_model_len
+from tfbackend.engine.model_runner import ModelRunner, StepInputs
+from tfbackend.engine.sampler import Sampler
+from tfbackend.engine.step_broadcast import StepBroadcast
+from tfbackend.hf_classes import load_hf_config
+from tfbackend.kv_cache import KVCache, KVCacheSpec
+from tfbackend.registry import load_model
+
+logger = logging.getLogger(__name__)
+
+
+class Worker:
+    def __init__(
+        self,
+        config: EngineConfig,
+        model_dir: str | Path,
+        hf_config,
+        parallel: ParallelContext,
+        sampler: Sampler | None = None,
+        send_step: Callable[[StepInputs, torch.Tensor | None], None] | None = None,
+    ):
+        """``sampler`` and ``send_step``: the driver's (it samples and hands each step to the other ranks)."""
+        self.config = config
+        self.parallel = parallel
+        self.device = parallel.device or config.torch_device()
+        self.dtype = config.torch_dtype(hf_config, self.device)
+        self.max_model_len = max_model_len(hf_config, config.max_model_len)
+        torch.manual_seed(config.seed)
+        with use_parallel(parallel):
+            self.model, resolved = load_model(model_dir, hf_config, config.model_impl, self.dtype, self.device)
+        self.model_impl, self.model_impl_reason = resolved.model_impl, resolved.reason
+        self.attention_backend = get_attention_backend(config.attention_backend, self.device)
+        self.use_cuda_graphs = self._use_cuda_graphs()
+        # Graph mode compiles the model too (enforce_eager turns both off); the profiling run compiles it.
+        self.forward = CompiledForward(self.model) if self.use_cuda_graphs else self.model
+        self.stages = None
+        if parallel.pp_size > 1:
+            vocab_size = hf_config.get_text_config().vocab_size
+            self.stages = StageLinks(parallel, self.model.pipeline_intermediates(), self.dtype, self.device, vocab_size)
+        spec = KVCacheSpec(tuple(self.model.attention_layers()), self.dtype, config.block_size)
+        # A model that cannot resume a prefill needs a step budget that holds the longest prompt.
+        self.max_batched_tokens = config.max_num_batched_tokens
+        if not self.model.supports_chunked_prefill:
+            self.max_batched_tokens = max(self.max_batched_tokens, self.max_model_len)
+        plan = plan_cache(config, spec, self.model.sequence_state(), self.max_model_len,
+                          lambda full_batch_bytes: self._budget(spec, sampler, full_batch_bytes))
+        self.max_num_seqs = plan.max_num_seqs
+        self.kv_cache = KVCache(spec, plan.num_blocks, self.device)
+        self.kv_specs = parallel.gather_objects(spec)  # every rank's layout, for the whole model's costs
+        logger.info(
+            "KV cache%s: %d blocks of %d tokens = %d tokens (%.1f MiB), at most %d sequences",
+            f" of rank {parallel.rank}" if parallel.world_size > 1 else "", plan.num_blocks, spec.block_size,
+            plan.num_blocks * spec.block_size,
+            self.kv_cache.storage.numel() * self.kv_cache.storage.element_size() / 2**20, plan.max_num_seqs,
+        )
+        self.runner = ModelRunner(
+            self.model, self.kv_cache, self.attention_backend, sampler, self.device, self.forward, parallel,
+            self.stages, send_step,
+        )
+        if self.use_cuda_graphs:
+            max_batch = min(plan.max_num_seqs, self.max_batched_tokens)
+            self.runner.capture_cuda_graphs(max_batch, self.max_model_len)
+
+    def _use_cuda_graphs(self) -> bool:
+        if self.device.type != "cuda" or self.config.enforce_eager or not self.model.supports_cuda_graphs:
+            return False
+        if self.attention_backend.name not in GRAPH_SAFE_BACKENDS:
+            logger.info("no CUDA graphs: the %s attention backend runs eagerly", self.attention_backend.name)
+            return False
+        if self.parallel.pp_size > 1:
+            logger.info("no CUDA graphs: pipeline stages run eagerly")
+            return False
+        return True
+
+    def _budget(self, spec: KVCacheSpec, sampler: Sampler | None, full_batch_bytes: int) -> int:
+        """This rank's KV cache budget, cut to what the most constrained rank can hold: as many blocks (or,
+        for a model with its own per-sequence state, sequences) on every rank, each in its own layout."""
+        budget = kv_cache_budget(
+            self.config, self.device, self.use_cuda_graphs, lambda: self._profile_run(spec, sampler), full_batch_bytes
+        )
+        state = self.model.sequence_state()
+        unit = spec.bytes_per_block if state is None else state.sequence_bytes(self.max_model_len)
+        if unit == 0 or self.parallel.world_size == 1:
+            return budget
+        return self.parallel.min_over_ranks(budget // unit) * unit
+
+    def _profile_run(self, spec: KVCacheSpec, sampler: Sampler | None) -> None:
+        """Run the largest step with a one-block KV cache and a throwaway sampler (the engine's RNG stays)."""
+        profile_sampler = None if sampler is None else Sampler(self.device, self.config.seed, sampler.eos_token_ids)
+        runner = ModelRunner(
+            self.model, KVCache(spec, 1, self.device), self.attention_backend, profile_sampler, self.device,
+            self.forward, self.parallel, self.stages,
+        )
+        runner.profile_run(self.max_batched_tokens, self.config.max_num_seqs, self.max_model_len)
+
+
+def run_worker(rendezvous: Rendezvous, rank: int) -> None:
+    """A rank's process: join the others, build this rank's worker, run every step the driver sends."""
+    store = connect_store(rendezvous, is_master=False)
+    try:
+        store.set(joined_key(rank), "1")
+        config = EngineConfig(**json.loads(store.get(CONFIG_KEY)))
+        _check_same_layout(rendezvous, config)
+        parallel = init_rank(rendezvous, rank, store)
+        worker = Worker(config, config.model, load_hf_config(config.model, config.trust_remote_code), parallel)
+        steps = StepBroadcast(parallel, worker.device)
+        while (message := steps.receive()) is not None:
+            worker.runner.run_model(*message)
+    except BaseException as error:
+        report_failure(store, rank, error)
+        raise SystemExit(1) from error
+    finally:
+        close_process_groups()
+
+
+def _check_same_layout(rendezvous: Rendezvous, config: EngineConfig) -> None:
+    """A node started with other parallel sizes than the driver's would number its ranks wrongly, one on
+    another kind of device would speak another backend."""
+    driver = (config.tensor_parallel_size, config.pipeline_parallel_size, config.nnodes, config.torch_device().type)
+    here = (rendezvous.tensor_parallel_size, rendezvous.pipeline_parallel_size, rendezvous.nnodes,
+            rendezvous.device_type)
+    if driver != here:
+        raise ValueError(
+            f"this node was started with tensor_parallel_size, pipeline_parallel_size, nnodes, device = {here}, "
+            f"the driver runs {driver}: start every node with the same sizes and device"
+        )
