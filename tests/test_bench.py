@@ -50,3 +50,20 @@ def test_latency(tmp_path):
 
 def test_rejects_a_single_output_token(tmp_path):
     assert main(["bench", "latency", *COMMON, "--output-len", "1"]) == 2
+
+
+def test_a_peer_that_cannot_run_the_model_is_reported_not_fatal(tmp_path, monkeypatch):
+    """transformers' continuous batching refuses some models (no pageable attention): the other rows stand."""
+    from tfbackend.bench import peers
+
+    def refuse(*args):
+        raise ValueError("Invalid layer type: linear_attention")
+
+    monkeypatch.setattr(peers, "hf_cb_throughput", refuse)
+    out = tmp_path / "t1.json"
+    args = ["bench", "throughput", *COMMON[:-1], "native", "--num-requests", "2", "--input-len-min", "4",
+            "--input-len-max", "8", "--output-len", "3", "--peers", "hf-generate,hf-cb", "--output", str(out)]
+    assert main(args) == 0
+    doc = json.loads(out.read_text())
+    assert [row["system"] for row in doc["results"]] == ["tfbackend[native]", "hf-generate"]
+    assert doc["peers_not_run"] == {"hf-cb": "ValueError: Invalid layer type: linear_attention"}

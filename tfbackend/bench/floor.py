@@ -45,17 +45,20 @@ class ModelCost:
         text = hf_config.get_text_config()
         total = _checkpoint_numel(model_dir)
         head = text.vocab_size * text.hidden_size
-        embeddings = head if text.tie_word_embeddings else 2 * head
+        embeddings = head if getattr(text, "tie_word_embeddings", False) else 2 * head
         kv_bytes = sum(dataclasses.replace(spec, block_size=1).bytes_per_block for spec in kv_specs)
         # Every call site attends with the config's query heads (shared-KV sites too: they read, not store);
         # the ranks of a pipeline stage share its heads.
+        # A model that keeps its own caches (the compat tier) declares no layers: its attention is not counted,
+        # which keeps the floor a lower bound.
         widths = sum(layer.head_dim + layer.v_head_dim for spec in kv_specs for layer in spec.layers)
+        query_heads = text.num_attention_heads if widths else 0
         return cls(
             weight_bytes=total * kv_specs[0].dtype.itemsize,
             token_params=total - embeddings,
             lm_head_params=head,
             kv_bytes_per_token=kv_bytes,
-            attention_flops_per_pair=2 * text.num_attention_heads * widths // tensor_parallel_size,
+            attention_flops_per_pair=2 * query_heads * widths // tensor_parallel_size,
         )
 
     def phase_seconds(self, hw: Hardware, steps: int, tokens: int, sampled: int, kv_written: int,

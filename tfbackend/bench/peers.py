@@ -14,16 +14,21 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, GenerationConfig
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
 from tfbackend.bench.workloads import LatencyResult, ThroughputResult
+from tfbackend.hf_classes import causal_lm_class
 
 PEERS = ("hf-generate", "hf-cb")
 
 
 def load_hf_model(model_dir: Path, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    """The checkpoint in transformers, with SDPA attention where its class offers it (BLOOM's, Mamba2's
+    don't: they run their own)."""
+    config = AutoConfig.from_pretrained(model_dir)
+    sdpa = getattr(causal_lm_class(config), "_supports_sdpa", False)
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=dtype, device_map=str(device), attn_implementation="sdpa"
+        model_dir, dtype=dtype, device_map=str(device), attn_implementation="sdpa" if sdpa else None
     )
     return model.eval().requires_grad_(False)
 

@@ -100,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"  {hardware.bandwidth / 1e9:,.0f} GB/s, {hardware.matmul_rate / 1e12:,.1f} TFLOP/s")
     cost = _LazyCost(model_dir, hf_config)
     scenario = _throughput if args.scenario == "throughput" else _latency
-    rows, workload = scenario(args, base, model_dir, cost, hardware, vocab_size, dtype)
+    peers_not_run: dict[str, str] = {}  # peer -> why transformers could not run this model that way
+    rows, workload = scenario(args, base, model_dir, cost, hardware, vocab_size, dtype, peers_not_run)
 
     doc = report.document(
         rows,
@@ -109,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
                **dataclasses.asdict(cost.value)},
         workload={"scenario": args.scenario, **dataclasses.asdict(workload)},
         engine={k: v for k, v in dataclasses.asdict(base).items() if k not in ("model", "tokenizer", "model_impl")},
+        peers_not_run=peers_not_run,
     )
     if args.output is not None:
         report.write_json(doc, args.output)
@@ -117,6 +119,8 @@ def run(args: argparse.Namespace) -> int:
         print(report.plot(doc, args.plot))
     print(f"\n{args.scenario} on {hardware.device}, {doc['model']['name']} ({dtype}):")
     print(report.format_table(rows))
+    for name, reason in peers_not_run.items():
+        print(f"{name}: did not run ({reason})")
     return 0
 
 
@@ -142,7 +146,8 @@ class _LazyCost:
         return self._value
 
 
-def _throughput(args, base: EngineConfig, model_dir: Path, cost: _LazyCost, hardware, vocab_size: int, dtype):
+def _throughput(args, base: EngineConfig, model_dir: Path, cost: _LazyCost, hardware, vocab_size: int, dtype,
+                not_run: dict[str, str]):
     workload = ThroughputWorkload(args.num_requests, args.input_len_min, args.input_len_max, args.output_len, args.seed)
     if not 1 <= workload.input_min <= workload.input_max:
         raise ValueError("need 1 <= --input-len-min <= --input-len-max")
@@ -171,13 +176,16 @@ def _throughput(args, base: EngineConfig, model_dir: Path, cost: _LazyCost, hard
         if "hf-generate" in args.peers:
             subset = prompts[: args.hf_generate_requests or len(prompts)]
             print(f"hf-generate: {len(subset)} requests as one padded batch...")
-            result = hf_peers.hf_generate_throughput(model, subset, workload.output_len)
+            result = _peer_run("hf-generate", not_run, hf_peers.hf_generate_throughput, model, subset,
+                               workload.output_len)
             note = f"first {len(subset)} of {len(prompts)} requests" if len(subset) < len(prompts) else ""
-            rows.append(report.throughput_row("hf-generate", result, floor(subset), note))
+            if result is not None:
+                rows.append(report.throughput_row("hf-generate", result, floor(subset), note))
         if "hf-cb" in args.peers:
             print(f"hf-cb: {len(prompts)} requests...")
-            result = hf_peers.hf_cb_throughput(model, prompts, workload.output_len)
-            rows.append(report.throughput_row("hf-cb", result, floor(prompts)))
+            result = _peer_run("hf-cb", not_run, hf_peers.hf_cb_throughput, model, prompts, workload.output_len)
+            if result is not None:
+                rows.append(report.throughput_row("hf-cb", result, floor(prompts)))
         return rows
 
     return _run_all(args, base, model_dir, dtype, on_engine, on_hf_model), workload
@@ -193,7 +201,8 @@ def _json_schema(path: Path | None) -> StructuredOutputsParams | None:
     return StructuredOutputsParams(json=schema)
 
 
-def _latency(args, base: EngineConfig, model_dir: Path, cost: _LazyCost, hardware, vocab_size: int, dtype):
+def _latency(args, base: EngineConfig, model_dir: Path, cost: _LazyCost, hardware, vocab_size: int, dtype,
+             not_run: dict[str, str]):
     workload = LatencyWorkload(args.batch_size, args.input_len, args.output_len, args.num_iters, args.seed)
 
     def row(system: str, result) -> dict:
@@ -212,10 +221,26 @@ def _latency(args, base: EngineConfig, model_dir: Path, cost: _LazyCost, hardwar
             for batch_size in workload.batch_sizes:
                 print(f"{peer}: batch size {batch_size}...")
                 prompts = workload.prompts(batch_size, vocab_size, 0)
-                rows.append(row(peer, peer_runs[peer](model, prompts, workload.output_len)))
+                result = _peer_run(peer, not_run, peer_runs[peer], model, prompts, workload.output_len)
+                if result is None:
+                    break
+                rows.append(row(peer, result))
         return rows
 
     return _run_all(args, base, model_dir, dtype, on_engine, on_hf_model), workload
+
+
+def _peer_run(name: str, not_run: dict[str, str], fn, *args):
+    """A peer's result, or None when transformers cannot run this model that way (hf-cb needs attention
+    layers it can page, for instance): ``not_run`` records why, and the comparison says so instead of failing."""
+    try:
+        return fn(*args)
+    except Exception as exc:  # whatever transformers raises on a model it does not support
+        reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+        print(f"{name} does not run this model: {reason}")
+        not_run[name] = reason
+        _free_gpu_memory()
+        return None
 
 
 def _run_all(args, base: EngineConfig, model_dir: Path, dtype, on_engine, on_hf_model) -> list[dict]:
