@@ -47,8 +47,9 @@ logger = logging.getLogger(__name__)
 PROBE_LENGTH = 12  # tokens of the load-time probe; chunked in two for the state check
 # Relative error allowed per token between the whole and the chunked probe: float32 for every token; in half
 # precision for the median token (a rounding difference may flip an MoE router for a token or two, while state
-# that a paged cache loses, or a look-ahead, changes every token of a chunk).
-STEP_TOLERANCE = {torch.float32: 1e-3, torch.float16: 3e-2, torch.bfloat16: 3e-2}
+# that a paged cache loses, or a look-ahead, changes every token of a chunk by O(1)). Half-precision rounding
+# grows with depth: 4.1e-2 on random Llama-3.1-8B weights in bf16 (32 layers, H100), hence the margin.
+STEP_TOLERANCE = {torch.float32: 1e-3, torch.float16: 0.15, torch.bfloat16: 0.15}
 
 
 class TransformersForCausalLM(CausalLM):
@@ -237,7 +238,7 @@ class TransformersForCausalLM(CausalLM):
         per_token = (chunked - whole).norm(dim=-1) / whole.norm(dim=-1).clamp_min(1e-12)
         dtype = self.hf_model.dtype
         error = (per_token.max() if dtype == torch.float32 else per_token.median()).item()
-        if not error <= STEP_TOLERANCE.get(dtype, 3e-2):
+        if not error <= STEP_TOLERANCE.get(dtype, 0.15):
             raise UnsupportedModelError(
                 f"{type(self.hf_model).__name__} gives different results when a prompt is fed in two steps "
                 f"(relative error {error:.2e}): some layer keeps state outside attention or looks ahead"
