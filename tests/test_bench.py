@@ -66,4 +66,21 @@ def test_a_peer_that_cannot_run_the_model_is_reported_not_fatal(tmp_path, monkey
     assert main(args) == 0
     doc = json.loads(out.read_text())
     assert [row["system"] for row in doc["results"]] == ["tfbackend[native]", "hf-generate"]
-    assert doc["peers_not_run"] == {"hf-cb": "ValueError: Invalid layer type: linear_attention"}
+    assert doc["not_run"] == {"hf-cb": "ValueError: Invalid layer type: linear_attention"}
+
+
+def test_an_implementation_that_declines_the_model_is_reported_and_the_others_run(tmp_path, monkeypatch):
+    from tfbackend import registry
+    from tfbackend.adapter import TransformersForCausalLM
+
+    def decline(cls, *args, **kwargs):
+        raise registry.UnsupportedModelError("gives different results when a prompt is fed in two steps")
+
+    monkeypatch.setattr(TransformersForCausalLM, "load", classmethod(decline))
+    out = tmp_path / "t2.json"
+    args = ["bench", "latency", *COMMON, "--batch-size", "1", "--input-len", "4", "--output-len", "3",
+            "--num-iters", "1", "--output", str(out)]
+    assert main(args) == 0
+    doc = json.loads(out.read_text())
+    assert [row["system"] for row in doc["results"]] == ["tfbackend[native]"]
+    assert "fed in two steps" in doc["not_run"]["tfbackend[transformers]"]

@@ -100,8 +100,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"  {hardware.bandwidth / 1e9:,.0f} GB/s, {hardware.matmul_rate / 1e12:,.1f} TFLOP/s")
     cost = _LazyCost(model_dir, hf_config)
     scenario = _throughput if args.scenario == "throughput" else _latency
-    peers_not_run: dict[str, str] = {}  # peer -> why transformers could not run this model that way
-    rows, workload = scenario(args, base, model_dir, cost, hardware, vocab_size, dtype, peers_not_run)
+    not_run: dict[str, str] = {}  # system (implementation or peer) -> why it could not run this model
+    rows, workload = scenario(args, base, model_dir, cost, hardware, vocab_size, dtype, not_run)
+    if not any(row["system"].startswith("tfbackend") for row in rows):
+        raise ValueError("no implementation could run this model: " + "; ".join(f"{k}: {v}" for k, v in not_run.items()))
 
     doc = report.document(
         rows,
@@ -110,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
                **dataclasses.asdict(cost.value)},
         workload={"scenario": args.scenario, **dataclasses.asdict(workload)},
         engine={k: v for k, v in dataclasses.asdict(base).items() if k not in ("model", "tokenizer", "model_impl")},
-        peers_not_run=peers_not_run,
+        not_run=not_run,
     )
     if args.output is not None:
         report.write_json(doc, args.output)
@@ -119,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
         print(report.plot(doc, args.plot))
     print(f"\n{args.scenario} on {hardware.device}, {doc['model']['name']} ({dtype}):")
     print(report.format_table(rows))
-    for name, reason in peers_not_run.items():
+    for name, reason in not_run.items():
         print(f"{name}: did not run ({reason})")
     return 0
 
@@ -188,7 +190,7 @@ def _throughput(args, base: EngineConfig, model_dir: Path, cost: _LazyCost, hard
                 rows.append(report.throughput_row("hf-cb", result, floor(prompts)))
         return rows
 
-    return _run_all(args, base, model_dir, dtype, on_engine, on_hf_model), workload
+    return _run_all(args, base, model_dir, dtype, on_engine, on_hf_model, not_run), workload
 
 
 def _json_schema(path: Path | None) -> StructuredOutputsParams | None:
@@ -227,7 +229,7 @@ def _latency(args, base: EngineConfig, model_dir: Path, cost: _LazyCost, hardwar
                 rows.append(row(peer, result))
         return rows
 
-    return _run_all(args, base, model_dir, dtype, on_engine, on_hf_model), workload
+    return _run_all(args, base, model_dir, dtype, on_engine, on_hf_model, not_run), workload
 
 
 def _peer_run(name: str, not_run: dict[str, str], fn, *args):
@@ -243,11 +245,23 @@ def _peer_run(name: str, not_run: dict[str, str], fn, *args):
         return None
 
 
-def _run_all(args, base: EngineConfig, model_dir: Path, dtype, on_engine, on_hf_model) -> list[dict]:
-    """Each implementation, then the peers on one shared HF model; one model in GPU memory at a time."""
+def _run_all(args, base: EngineConfig, model_dir: Path, dtype, on_engine, on_hf_model,
+             not_run: dict[str, str]) -> list[dict]:
+    """Each implementation, then the peers on one shared HF model; one model in GPU memory at a time. An
+    implementation that declines the model (a ValueError at load) is reported like a peer that cannot run it,
+    so the others' results still come out; with a single implementation the error stands."""
     rows = []
-    for impl in args.impl or [base.model_impl]:
-        rows += _with_engine(dataclasses.replace(base, model_impl=impl), on_engine)
+    impls = args.impl or [base.model_impl]
+    for impl in impls:
+        try:
+            rows += _with_engine(dataclasses.replace(base, model_impl=impl), on_engine)
+        except ValueError as exc:
+            if len(impls) == 1:
+                raise
+            reason = str(exc).splitlines()[0][:200]
+            print(f"tfbackend[{impl}] does not run this model: {reason}")
+            not_run[f"tfbackend[{impl}]"] = reason
+            _free_gpu_memory()
     if args.peers:
         model = hf_peers.load_hf_model(model_dir, dtype, base.torch_device())
         rows += on_hf_model(model)
