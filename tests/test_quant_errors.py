@@ -10,6 +10,8 @@ from safetensors.torch import load_file, save_file
 from tests.quant_checkpoints import write_quantized
 from tests.test_quant_loading import dense_model, load
 
+from tfbackend.distributed import CommGroup, ParallelContext, use_parallel
+
 IMPLS = ["native", "transformers"]
 K_SCALE = "model.layers.1.self_attn.k_proj.weight_scale_inv"
 GATE_SCALE = "model.layers.0.mlp.gate_proj.weight_scale_inv"
@@ -108,3 +110,12 @@ def test_quantization_flag_must_match_the_checkpoint(fp8_block, tmp_path):
     dense_model().save_pretrained(dense)
     assert "only 'fp8' quantizes an unquantized checkpoint" in load_error(dense, "transformers", quantization="gptq")
     assert "quantization must be one of" in load_error(dense, "native", quantization="int3")
+
+
+@pytest.mark.parametrize(("impl", "expected"), [
+    ("native", "fp8 linear layers are not split over tensor-parallel ranks yet"),
+    ("transformers", "the transformers fallback cannot split quantized linear layers over several ranks"),
+])
+def test_quantized_linears_are_not_split_over_tensor_parallel_ranks(fp8_block, impl, expected):
+    with use_parallel(ParallelContext(world_size=2, tp=CommGroup(rank=0, size=2))):
+        assert expected in load_error(fp8_block, impl)
