@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     calibration_ids = tokenizer(builtin_text("calibration_text.txt"))["input_ids"][:context]
     results: dict[str, float] = {}
     for variant in variants:
-        model = _load_variant(variant, model_dir, hf_config, args.model_impl, dtype, device, calibration_ids)
+        model = _load_variant(variant, model_dir, args, dtype, device, calibration_ids)
         kv_dtype = FP8_KV_DTYPE if variant == "fp8-kv" else None
         results[variant] = perplexity(model, token_ids, dtype, device, kv_dtype, args.chunk_size)
         del model  # one model in memory at a time
@@ -126,11 +126,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _load_variant(
-    variant: str, model_dir, hf_config, model_impl: str, dtype: torch.dtype, device: torch.device,
+    variant: str, model_dir, args: argparse.Namespace, dtype: torch.dtype, device: torch.device,
     calibration_ids: list[int],
 ) -> torch.nn.Module:
     """A fresh load of the model with the variant's weights."""
-    model, _ = load_model(model_dir, hf_config, model_impl, dtype, device)
+    hf_config = load_hf_config(model_dir, args.trust_remote_code)  # fresh: HF loading may annotate it
+    model, _ = load_model(model_dir, hf_config, args.model_impl, dtype, device)
     if variant == "checkpoint":
         return model
     dequantize_linears(model)
