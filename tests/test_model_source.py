@@ -32,7 +32,9 @@ def test_default_model_converts_and_loads(smollm2_dir: Path) -> None:
 
     assert (smollm2_dir / "model.safetensors").is_file()
     raw_config = json.loads((smollm2_dir / "config.json").read_text())
-    assert "quantization_config" not in raw_config  # a plain dense checkpoint, not a GGUF in disguise
+    # The weights stay in their GGUF blocks: about the GGUF file's 98 MB, not the 538 MB of a float32 copy.
+    assert raw_config["quantization_config"] == {"quant_method": "gguf"}
+    assert (smollm2_dir / "model.safetensors").stat().st_size < 100e6
 
     config = AutoConfig.from_pretrained(smollm2_dir)
     assert config.model_type == "llama"
@@ -57,25 +59,29 @@ def test_second_resolve_reuses_cache(smollm2_dir: Path, monkeypatch: pytest.Monk
 
 
 def test_default_model_answers_correctly(smollm2_dir: Path) -> None:
-    """The model the server serves by default must give the right greedy answer after conversion."""
+    """The model the server serves by default gives the right greedy answer from its quantized weights, and the
+    same tokens as transformers running the GGUF dequantized to float32."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from tfbackend import LLM, SamplingParams
+
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
-    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
-    inputs = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "What is the capital of France?"}],
-        add_generation_prompt=True,
-        return_tensors="pt",
-        return_dict=True,
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True, tokenize=False
     )
-    with torch.inference_mode():
-        output = model.generate(**inputs, max_new_tokens=20, do_sample=False)
-    new_tokens = output[0, inputs["input_ids"].shape[1] :]
-    answer = tokenizer.decode(new_tokens, skip_special_tokens=True)
-    assert "Paris" in answer
+    llm = LLM(str(smollm2_dir), dtype="float32", device="cpu", max_model_len=256)
+    output = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=20))[0].outputs[0]
+    assert "Paris" in output.text
     # Generation stopped at the end-of-turn token instead of rambling on.
-    assert new_tokens[-1].item() == tokenizer.convert_tokens_to_ids(IM_END)
+    assert output.finish_reason == "stop" and output.token_ids[-1] == tokenizer.convert_tokens_to_ids(IM_END)
+
+    gguf = model_source.default_gguf_path()
+    reference = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    inputs = tokenizer(prompt, return_tensors="pt")
+    with torch.inference_mode():
+        expected = reference.generate(**inputs, max_new_tokens=20, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+    assert output.token_ids == expected.tolist()
 
 
 def test_missing_default_package_says_how_to_install(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -27,3 +27,23 @@ def interpreter_bf16_dot():
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(interpreter.InterpreterBuilder, "create_dot", create_dot)
         yield
+
+
+@pytest.fixture(scope="module")
+def interpreter_fp8_casts():
+    """Triton's interpreter (3.9) rounds float32 -> fp8e4nv by bumping the truncated mantissa without carrying
+    into the exponent (7.8 becomes 4.0, not 8.0). Convert through torch instead: round to nearest even,
+    saturating at ±448, as the GPU's conversion does; compiled kernels are unaffected."""
+    import torch
+
+    original = interpreter.InterpreterBuilder.create_fp_to_fp
+
+    def create_fp_to_fp(self, src, dst_type, rounding_mode):
+        if dst_type.scalar != tl.float8e4nv or src.dtype.scalar != tl.float32:
+            return original(self, src, dst_type, rounding_mode)
+        wide = torch.from_numpy(np.ascontiguousarray(src.data, dtype=np.float32))
+        return interpreter.TensorHandle(wide.to(torch.float8_e4m3fn).view(torch.uint8).numpy(), dst_type.scalar)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(interpreter.InterpreterBuilder, "create_fp_to_fp", create_fp_to_fp)
+        yield

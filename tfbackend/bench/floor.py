@@ -38,10 +38,12 @@ class ModelCost:
 
     @classmethod
     def from_checkpoint(
-        cls, model_dir: Path, hf_config, kv_specs: list[KVCacheSpec], tensor_parallel_size: int = 1
+        cls, model_dir: Path, hf_config, kv_specs: list[KVCacheSpec], weight_bytes: int, tensor_parallel_size: int = 1
     ) -> ModelCost:
-        """The checkpoint's sizes, and the KV layout each rank of the loaded model declared (``kv_specs``, one
-        per rank, any block size): the whole model's work, however many GPUs share it."""
+        """The checkpoint's sizes, the KV layout each rank of the loaded model declared (``kv_specs``, one per
+        rank, any block size) and the bytes all ranks' weights take as loaded (``weight_bytes``: quantized
+        weights are smaller than the checkpoint's parameter count times the model dtype): the whole model's
+        work, however many GPUs share it."""
         text = hf_config.get_text_config()
         total = _checkpoint_numel(model_dir)
         head = text.vocab_size * text.hidden_size
@@ -54,7 +56,7 @@ class ModelCost:
         widths = sum(layer.head_dim + layer.v_head_dim for spec in kv_specs for layer in spec.layers)
         query_heads = text.num_attention_heads if widths else 0
         return cls(
-            weight_bytes=total * kv_specs[0].dtype.itemsize,
+            weight_bytes=weight_bytes,
             token_params=total - embeddings,
             lm_head_params=head,
             kv_bytes_per_token=kv_bytes,

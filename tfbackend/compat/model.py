@@ -37,6 +37,8 @@ from tfbackend.compat.state import StateLayout, tensor_bytes
 from tfbackend.hf_classes import causal_lm_class, padding_unsafe_layer_types
 from tfbackend.kernels.hf_experts import use_fused_experts
 from tfbackend.model_interface import AttentionLayerSpec, CausalLM, SequenceStateSpec
+from tfbackend.quantization.config import quantization_method
+from tfbackend.quantization.hf_loading import load_quantized_hf_model
 
 logger = logging.getLogger(__name__)
 
@@ -98,9 +100,15 @@ class CompatCausalLM(CausalLM):
         return None
 
     @classmethod
-    def load(cls, model_dir: str | Path, hf_config, dtype: torch.dtype, device: torch.device) -> CompatCausalLM:
+    def load(
+        cls, model_dir: str | Path, hf_config, dtype: torch.dtype, device: torch.device, quantization: str | None = None
+    ) -> CompatCausalLM:
         hf_class = causal_lm_class(hf_config)
-        hf_model = hf_class.from_pretrained(model_dir, config=hf_config, dtype=dtype, device_map=str(device))
+        method = quantization_method(hf_config, quantization)
+        if method is not None:  # HF's own attention and caches, our quantized linears (as in the fallback)
+            hf_model = load_quantized_hf_model(hf_class, model_dir, hf_config, dtype, device, method)
+        else:
+            hf_model = hf_class.from_pretrained(model_dir, config=hf_config, dtype=dtype, device_map=str(device))
         hf_model.eval().requires_grad_(False)
         use_fused_experts(hf_model)  # MoE experts through our fused kernel where it reproduces them; else HF's
         model = cls(hf_model)

@@ -39,6 +39,9 @@ from tfbackend.engine.sampler import Sampler
 from tfbackend.engine.step_broadcast import StepBroadcast
 from tfbackend.hf_classes import load_hf_config
 from tfbackend.kv_cache import KVCache, KVCacheSpec
+from tfbackend.native.weights import safetensors_files
+from tfbackend.quantization.kv_cache import kv_cache_torch_dtype, read_kv_cache_scales
+from tfbackend.quantization.linear import loaded_weight_bytes
 from tfbackend.registry import load_model
 
 logger = logging.getLogger(__name__)
@@ -62,7 +65,9 @@ class Worker:
         self.max_model_len = max_model_len(hf_config, config.max_model_len)
         torch.manual_seed(config.seed)
         with use_parallel(parallel):
-            self.model, resolved = load_model(model_dir, hf_config, config.model_impl, self.dtype, self.device)
+            self.model, resolved = load_model(
+                model_dir, hf_config, config.model_impl, self.dtype, self.device, config.quantization
+            )
         self.model_impl, self.model_impl_reason = resolved.model_impl, resolved.reason
         self.attention_backend = get_attention_backend(config.attention_backend, self.device)
         self.use_cuda_graphs = self._use_cuda_graphs()
@@ -72,7 +77,11 @@ class Worker:
         if parallel.pp_size > 1:
             vocab_size = hf_config.get_text_config().vocab_size
             self.stages = StageLinks(parallel, self.model.pipeline_intermediates(), self.dtype, self.device, vocab_size)
-        spec = KVCacheSpec(tuple(self.model.attention_layers()), self.dtype, config.block_size)
+        cache_dtype = kv_cache_torch_dtype(config.kv_cache_dtype, self.dtype)
+        spec = KVCacheSpec(tuple(self.model.attention_layers()), cache_dtype, config.block_size)
+        if cache_dtype != self.dtype and not spec.layers:
+            raise ValueError(f"kv_cache_dtype={config.kv_cache_dtype!r} sets the paged KV cache's dtype, but the "
+                             f"{self.model_impl} implementation keeps its own caches")
         # A model that cannot resume a prefill needs a step budget that holds the longest prompt.
         self.max_batched_tokens = config.max_num_batched_tokens
         if not self.model.supports_chunked_prefill:
@@ -81,12 +90,16 @@ class Worker:
                           lambda full_batch_bytes: self._budget(spec, sampler, full_batch_bytes))
         self.max_num_seqs = plan.max_num_seqs
         self.kv_cache = KVCache(spec, plan.num_blocks, self.device)
+        if cache_dtype != self.dtype:  # FP8: the checkpoint's per-layer scales, if it has them
+            self.kv_cache.set_scales(read_kv_cache_scales(safetensors_files(model_dir), spec.num_layers))
         self.kv_specs = parallel.gather_objects(spec)  # every rank's layout, for the whole model's costs
+        self.weight_bytes = sum(parallel.gather_objects(loaded_weight_bytes(self.model)))  # all ranks'
         logger.info(
-            "KV cache%s: %d blocks of %d tokens = %d tokens (%.1f MiB), at most %d sequences",
+            "KV cache%s: %d blocks of %d tokens = %d tokens (%.1f MiB, %s), at most %d sequences",
             f" of rank {parallel.rank}" if parallel.world_size > 1 else "", plan.num_blocks, spec.block_size,
             plan.num_blocks * spec.block_size,
-            self.kv_cache.storage.numel() * self.kv_cache.storage.element_size() / 2**20, plan.max_num_seqs,
+            self.kv_cache.storage.numel() * self.kv_cache.storage.element_size() / 2**20, cache_dtype,
+            plan.max_num_seqs,
         )
         self.runner = ModelRunner(
             self.model, self.kv_cache, self.attention_backend, sampler, self.device, self.forward, parallel,

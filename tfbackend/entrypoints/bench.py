@@ -138,7 +138,8 @@ class _LazyCost:
         if self._value is None:
             engine = llm.engine
             self._value = ModelCost.from_checkpoint(
-                self.model_dir, self.hf_config, engine.worker.kv_specs, engine.config.tensor_parallel_size
+                self.model_dir, self.hf_config, engine.worker.kv_specs, engine.worker.weight_bytes,
+                engine.config.tensor_parallel_size,
             )
 
     @property
@@ -273,9 +274,21 @@ def _run_all(args, base: EngineConfig, model_dir: Path, dtype, on_engine, on_hf_
 def _with_engine(config: EngineConfig, fn) -> list[dict]:
     llm = LLM(config=config)
     try:
+        # Quantized and parallel runs say so in their name; every row notes how many tokens its KV cache held.
+        variant = "".join(f", {label}" for label in (
+            config.quantization, f"kv {config.kv_cache_dtype}" if config.kv_cache_dtype != "auto" else None,
+        ) if label)
         split = "".join(f" {name}={size}" for name, size in (("tp", config.tensor_parallel_size),
                                                               ("pp", config.pipeline_parallel_size)) if size > 1)
-        return fn(llm, f"tfbackend[{llm.model_impl}]{split}")
+        name = f"tfbackend[{llm.model_impl}{variant}]{split}"
+        kv_tokens = llm.engine.stats().kv_capacity_tokens
+        print(f"{name}: KV cache of {kv_tokens:,} tokens ({llm.engine.kv_cache.spec.dtype}), "
+              f"weights {llm.engine.worker.weight_bytes / 2**30:.2f} GiB")
+        rows = fn(llm, name)
+        for row in rows:
+            row["kv_capacity_tokens"] = kv_tokens
+            row["note"] = "; ".join(part for part in (row.get("note"), f"KV {kv_tokens:,} tokens") if part)
+        return rows
     finally:
         llm.engine.shutdown()  # the next engine may need the same GPUs (and this process's process group)
         del llm

@@ -12,6 +12,7 @@ SUBCOMMANDS = {
     "bench": "tfbackend.entrypoints.bench",
     "check": "tfbackend.entrypoints.check",
     "generate": "tfbackend.entrypoints.generate",
+    "perplexity": "tfbackend.entrypoints.perplexity",
     "serve": "tfbackend.entrypoints.serve",
 }
 

@@ -9,7 +9,8 @@ import argparse
 import re
 from pathlib import Path
 
-from tfbackend.config import DTYPES, EngineConfig
+from tfbackend.config import DTYPES, KV_CACHE_DTYPES, EngineConfig
+from tfbackend.quantization.config import QUANTIZATION_METHODS
 from tfbackend.registry import MODEL_IMPLS
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
@@ -67,6 +68,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         help="KV cache size in bytes, e.g. 512MiB (default: 1GiB on CPU; on GPU what --gpu-memory-utilization leaves)")
     add("--gpu-memory-utilization", type=float, default=defaults.gpu_memory_utilization,
         help="fraction of GPU memory the engine may use: weights, activations and KV cache")
+    add("--quantization", "-q", choices=QUANTIZATION_METHODS, default=defaults.quantization,
+        help="fp8: quantize a bf16/fp32 checkpoint's linear layers at load; a format name insists the checkpoint "
+             "is in it (default: the checkpoint's own quantization_config)")
+    add("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default=defaults.kv_cache_dtype,
+        help="auto: the model dtype; fp8: E4M3 with per-layer scales (from the checkpoint, else 1.0)")
     add("--enforce-eager", action="store_true", help="never capture CUDA graphs")
     add("--seed", type=int, default=defaults.seed, help="seed for requests that set none")
     add("--trust-remote-code", action="store_true",
@@ -110,6 +116,8 @@ def engine_config_from_args(args: argparse.Namespace, model_path: str | Path) ->
         node_rank=args.node_rank,
         master_addr=args.master_addr,
         master_port=args.master_port,
+        quantization=args.quantization,
+        kv_cache_dtype=args.kv_cache_dtype,
     )
     config.validate()
     return config

@@ -6,7 +6,7 @@ so a native port matches the Transformers fallback to float rounding, not merely
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from itertools import accumulate
 from pathlib import Path
 
@@ -14,9 +14,14 @@ import torch
 import torch.nn as nn
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from tfbackend.distributed.layers import CheckpointView, Take
+from tfbackend.distributed import current_parallel
+from tfbackend.distributed.layers import CheckpointView, ColumnParallelLinear, Take
 from tfbackend.model_interface import CausalLM
-from tfbackend.native.weights import iterate_safetensors
+from tfbackend.native.weights import checkpoint_tensor_names, iterate_safetensors
+from tfbackend.quantization.config import quantization_method
+from tfbackend.quantization.kv_cache import is_kv_cache_scale
+from tfbackend.quantization.linear import QuantizedLinear
+from tfbackend.quantization.loading import DENSE_LINEARS, LinearSlot, load_tensors, quantized_sinks, replace_linears
 
 
 class RMSNorm(nn.Module):
@@ -148,30 +153,69 @@ class NativeCausalLM(CausalLM):
     """
 
     @classmethod
-    def load(cls, model_dir: str | Path, hf_config, dtype: torch.dtype, device: torch.device) -> NativeCausalLM:
-        """Build without allocating (meta), allocate once in ``dtype`` on ``device``, stream the weights in."""
+    def load(
+        cls, model_dir: str | Path, hf_config, dtype: torch.dtype, device: torch.device, quantization: str | None = None
+    ) -> NativeCausalLM:
+        """Build without allocating (meta), allocate once in ``dtype`` on ``device``, stream the weights in.
+
+        Linear layers the checkpoint stores quantized (its ``quantization_config``), or all of them for
+        ``quantization="fp8"`` on an unquantized checkpoint, become ``tfbackend.quantization`` layers first.
+        """
+        method = quantization_method(hf_config, quantization)
         with torch.device("meta"):
             model = cls(hf_config)
+        if method is not None:
+            if current_parallel().tp.size > 1:
+                raise ValueError(
+                    f"{method.name} linear layers are not split over tensor-parallel ranks yet: run quantized "
+                    f"models with tensor_parallel_size=1"
+                )
+            names = None if method.online else checkpoint_tensor_names(model_dir)
+            replace_linears(model, list(model.linear_slots()), method, names, dtype, device)
         model = model.to(dtype=dtype).to_empty(device=device)
         for module in model.modules():
             if isinstance(module, RotaryEmbedding):
                 module.init_buffers()
-        model.load_weights(iterate_safetensors(model_dir))
+        weights = iterate_safetensors(model_dir)
+        if method is not None:
+            weights = method.prepare_checkpoint(weights, claimed=set(quantized_sinks(model)))
+        model.load_weights(weights)
         return model.eval().requires_grad_(False)
+
+    def linear_slots(self) -> Iterator[LinearSlot]:
+        """The linear layers quantization may replace, with their checkpoint names: all but the LM head, whose
+        weight ``compute_logits`` reads (and which it shares with the embedding when tied)."""
+        for name, module in self.named_modules():
+            if name == "lm_head" or not isinstance(module, DENSE_LINEARS):
+                continue
+            parent = name.rpartition(".")[0]
+            if isinstance(module, ColumnParallelLinear):
+                prefixes = [name if s.name is None else _dotted(parent, s.name) for s in module.slices]
+                yield LinearSlot(name, module, prefixes, module.output_sizes)
+            elif isinstance(module, MergedLinear):
+                prefixes = [_dotted(parent, shard) for shard in module.shard_names]
+                yield LinearSlot(name, module, prefixes, module.output_sizes)
+            else:
+                yield LinearSlot(name, module, [name], [module.out_features])
 
     def skips_checkpoint_tensor(self, name: str) -> bool:
         """Checkpoint tensors that are neither loaded nor reported as unexpected."""
-        return name.endswith("rotary_emb.inv_freq")  # derived, saved by some old exports
+        # RoPE frequencies are derived (saved by some old exports); KV-cache scales are the engine's to read.
+        return name.endswith("rotary_emb.inv_freq") or is_kv_cache_scale(name)
 
-    def checkpoint_targets(self) -> dict[str, tuple[torch.Tensor, Take | None]]:
-        """Every checkpoint tensor the model needs -> the parameter (or rows of a merged one) it fills, and
-        what to cut from the tensor first (a tensor-parallel rank's slice; None: all of it).
+    def checkpoint_targets(self) -> dict[str, tuple[torch.Tensor, Take | None] | Callable[[torch.Tensor], None]]:
+        """Every checkpoint tensor the model needs -> the parameter (or rows of a merged one) it fills and what
+        to cut from the tensor first (a tensor-parallel rank's slice; None: all of it), or the sink of the
+        quantized layer that takes it.
 
         A module that fills its parameters from other checkpoint names, or from slices, says so with a
         ``checkpoint_views(module_name, leaf, param)`` method yielding ``(name, view, take)``.
         """
-        targets: dict[str, tuple[torch.Tensor, Take | None]] = {}
+        targets: dict[str, tuple[torch.Tensor, Take | None] | Callable[[torch.Tensor], None]] = {}
         for module_name, module in self.named_modules():
+            if isinstance(module, QuantizedLinear):
+                targets.update(module.checkpoint_sinks())
+                continue
             views = getattr(module, "checkpoint_views", None)
             for leaf, param in module.named_parameters(recurse=False):
                 if views is None:
@@ -183,31 +227,7 @@ class NativeCausalLM(CausalLM):
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy HF-named tensors into the model; raise unless every parameter is filled by a known tensor."""
-        targets = self.checkpoint_targets()
-        loaded: set[str] = set()
-        unexpected: list[str] = []
-        for name, tensor in weights:
-            if self.skips_checkpoint_tensor(name):
-                continue
-            if name not in targets:
-                unexpected.append(name)
-                continue
-            target, take = targets[name]
-            if take is not None:
-                tensor = take(tensor)
-            if tensor.shape != target.shape:
-                raise ValueError(
-                    f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, "
-                    f"{type(self).__name__} expects {tuple(target.shape)}"
-                )
-            target.copy_(tensor)
-            loaded.add(name)
-        missing = sorted(set(targets) - loaded)
-        if missing or unexpected:
-            raise ValueError(
-                f"checkpoint does not match {type(self).__name__}: "
-                f"missing {missing or 'none'}; unexpected {sorted(unexpected) or 'none'}"
-            )
+        load_tensors(self, self.checkpoint_targets(), weights, self.skips_checkpoint_tensor)
 
 
 def _dotted(*parts: str) -> str:

@@ -34,3 +34,12 @@ def iterate_safetensors(model_dir: str | Path) -> Iterator[tuple[str, torch.Tens
         with safe_open(path, framework="pt", device="cpu") as f:
             for name in f.keys():
                 yield name, f.get_tensor(name)
+
+
+def checkpoint_tensor_names(model_dir: str | Path) -> list[str]:
+    """Names of every tensor of the checkpoint, read from the files' headers without loading any tensor."""
+    names: list[str] = []
+    for path in safetensors_files(model_dir):
+        with safe_open(path, framework="pt", device="cpu") as f:
+            names.extend(f.keys())
+    return names
