@@ -30,21 +30,21 @@ def gptq(
         raise ValueError(f"GPTQ here needs groups that divide or are divided by {BLOCK}, got {group_size}")
     w = weight.detach().to(torch.float32).clone()
     out_features, in_features = w.shape
-    h = hessian.detach().to(torch.float64).clone()
+    h = hessian.detach().to(w.device, torch.float64).clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
     w[:, dead] = 0
-    h += damping * torch.diag(h).mean() * torch.eye(in_features, dtype=h.dtype)
+    h += damping * torch.diag(h).mean() * torch.eye(in_features, dtype=h.dtype, device=h.device)
     # Upper Cholesky factor of H^-1: row k holds the updates that column k's error makes to columns k..K.
     h_inv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).to(torch.float32)
     num_groups = -(-in_features // group_size)
-    codes = torch.empty(in_features, out_features, dtype=torch.uint8)
-    zeros = torch.empty(num_groups, out_features)
-    scales = torch.empty(num_groups, out_features)
+    codes = torch.empty(in_features, out_features, dtype=torch.uint8, device=w.device)
+    zeros = torch.empty(num_groups, out_features, device=w.device)
+    scales = torch.empty(num_groups, out_features, device=w.device)
     for start in range(0, in_features, BLOCK):
         end = min(start + BLOCK, in_features)
         block, block_inv = w[:, start:end].clone(), h_inv[start:end, start:end]
-        errors = torch.zeros(out_features, end - start)
+        errors = torch.zeros(out_features, end - start, device=w.device)
         for i in range(end - start):
             column = start + i
             if column % group_size == 0:  # the group's grid, from its weights with every update so far

@@ -76,14 +76,14 @@ def round_to_nearest(
 
 def unpack_columns(packed: torch.Tensor, order: tuple[int, ...] = tuple(range(8))) -> torch.Tensor:
     """``[R, C // 8]`` int32 words -> ``[R, C]`` codes, where column ``8c + order[i]`` sits in bits ``4i``."""
-    nibbles = (packed.to(torch.int32)[..., None] >> _SHIFTS) & 0xF  # [R, C/8, 8]: nibble i of word c
+    nibbles = (packed.to(torch.int32)[..., None] >> _SHIFTS.to(packed.device)) & 0xF  # [R, C/8, 8]: nibble i of word c
     inverse = [order.index(column) for column in range(8)]
     return nibbles[..., inverse].reshape(packed.shape[0], -1).to(torch.uint8)
 
 
 def unpack_rows(packed: torch.Tensor) -> torch.Tensor:
     """``[R // 8, C]`` int32 words -> ``[R, C]`` codes, where row ``8j + i`` sits in bits ``4i``."""
-    nibbles = (packed.to(torch.int32)[:, None, :] >> _SHIFTS[None, :, None]) & 0xF  # [R/8, 8, C]
+    nibbles = (packed.to(torch.int32)[:, None, :] >> _SHIFTS.to(packed.device)[None, :, None]) & 0xF  # [R/8, 8, C]
     return nibbles.reshape(-1, packed.shape[1]).to(torch.uint8)
 
 
@@ -94,7 +94,7 @@ def pack_columns(codes: torch.Tensor) -> torch.Tensor:
 
 def pack_rows(codes: torch.Tensor) -> torch.Tensor:
     """Inverse of ``unpack_rows``: ``[R, C]`` codes (R a multiple of 8) -> ``[R // 8, C]`` int32."""
-    shifted = codes.to(torch.int32).reshape(-1, 8, codes.shape[1]) << _SHIFTS[None, :, None]
+    shifted = codes.to(torch.int32).reshape(-1, 8, codes.shape[1]) << _SHIFTS.to(codes.device)[None, :, None]
     word = shifted[:, 0]
     for i in range(1, 8):  # the nibbles do not overlap: OR them into one word
         word = word | shifted[:, i]
