@@ -12,10 +12,9 @@ process counts as compilation after the first one's ready.
 
 from __future__ import annotations
 
-import logging
+import sys
 from dataclasses import dataclass, fields
 
-logger = logging.getLogger(__name__)
 
 _triton_compilations = 0
 _triton_hook_installed = False
@@ -66,17 +65,17 @@ def install_triton_hook() -> None:
 
 
 def current_counts() -> CompileCounts:
-    from torch._dynamo.utils import counters
-
+    # Nothing was compiled with torch.compile if dynamo was never imported (importing it takes seconds).
+    dynamo_utils = sys.modules.get("torch._dynamo.utils")
     return CompileCounts(
-        torch_compile_graphs=counters["stats"]["unique_graphs"],
+        torch_compile_graphs=dynamo_utils.counters["stats"]["unique_graphs"] if dynamo_utils else 0,
         triton_kernels=_triton_compilations,
         cuda_graphs=_cuda_graph_captures,
     )
 
 
 class CompileMonitor:
-    """Compilations since the engine became ready; ``check`` warns when their number grows."""
+    """Compilations since the engine became ready; ``check`` tells when their number grew."""
 
     def __init__(self) -> None:
         install_triton_hook()
@@ -96,14 +95,10 @@ class CompileMonitor:
             return CompileCounts(0, 0, 0)
         return current_counts() - self.at_ready
 
-    def check(self, what: str) -> None:
-        """Warn if anything compiled since the last check; ``what`` describes the step that just ran."""
+    def check(self) -> CompileCounts | None:
+        """What compiled since the last check, if anything did after ready (the caller warns about it)."""
         after = self.after_ready()
-        if after.total > self._reported.total:
-            new = after - self._reported
-            logger.warning(
-                "compilation after ready during %s: %d torch.compile graph(s), %d Triton kernel(s), %d CUDA "
-                "graph(s) (%d since ready); this step stalled for it",
-                what, new.torch_compile_graphs, new.triton_kernels, new.cuda_graphs, after.total,
-            )
-            self._reported = after
+        if after.total == self._reported.total:
+            return None
+        new, self._reported = after - self._reported, after
+        return new
