@@ -35,13 +35,18 @@ class ColdRun:
     weight_bytes: int  # all ranks', for the floor
 
 
-def run_cold_and_warm(config: EngineConfig, workload: ThroughputWorkload, vocab_size: int) -> list[ColdRun]:
-    """The workload in a fresh process with empty compile caches, then in another with the caches it left."""
-    runs = []
+def run_cold_and_warm(
+    config: EngineConfig, workload: ThroughputWorkload, vocab_size: int, cache_dir: Path | None = None
+) -> list[ColdRun]:
+    """The workload in a fresh process with empty compile caches, then in another with the caches it left.
+
+    ``cache_dir``: an empty folder for those caches, left filled afterwards (default: a temporary one)."""
+    if cache_dir is not None:
+        if cache_dir.exists() and any(cache_dir.iterdir()):
+            raise ValueError(f"the compile cache folder of a cold run must be empty: {cache_dir}")
+        return [_in_fresh_process(config, workload, vocab_size, cache_dir, label) for label in ("empty", "warm")]
     with tempfile.TemporaryDirectory(prefix="tfbackend-cold-") as cache:
-        for label in ("empty", "warm"):
-            runs.append(_in_fresh_process(config, workload, vocab_size, Path(cache), label))
-    return runs
+        return run_cold_and_warm(config, workload, vocab_size, Path(cache))
 
 
 def _in_fresh_process(
@@ -62,12 +67,16 @@ def _in_fresh_process(
     return outcome
 
 
+def compile_cache_env(cache: Path) -> dict[str, str]:
+    """The environment that points the compile caches into ``cache`` (the layout a cold run fills)."""
+    return {INDUCTOR_CACHE_ENV: str(cache / "inductor"), TRITON_CACHE_ENV: str(cache / "triton")}
+
+
 def _child(
     config: EngineConfig, workload: ThroughputWorkload, vocab_size: int, cache: Path, label: str, results
 ) -> None:
     # Set before anything compiles; the engine keeps caches the environment already names.
-    os.environ[INDUCTOR_CACHE_ENV] = str(cache / "inductor")
-    os.environ[TRITON_CACHE_ENV] = str(cache / "triton")
+    os.environ.update(compile_cache_env(cache))
     try:
         from tfbackend.llm import LLM
 
