@@ -145,3 +145,16 @@ def test_enforce_eager_compiles_nothing(checkpoint, compile_on_cpu, caplog):
     assert dynamo_graphs() == before
     assert engine.compile_monitor.during_startup().total == 0
     assert caplog.text.count("skipped: enforce_eager") == 3  # compile, warm up, capture graphs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_kv_cache_starts_zeroed_and_writable(dtype):
+    """On the CPU the cache comes from calloc (no memset at startup); it must still read as zeros."""
+    from tfbackend.kv_cache import KVCache, KVCacheSpec
+    from tfbackend.model_interface import AttentionLayerSpec
+
+    cache = KVCache(KVCacheSpec((AttentionLayerSpec(2, 16, 16),), dtype, 4), 8, torch.device("cpu"))
+    assert cache.storage.dtype == dtype and not cache.storage.any()
+    key, value = cache.layers[0]
+    key[3].fill_(1.0)
+    assert cache.storage.sum() == key[3].numel()
