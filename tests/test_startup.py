@@ -115,8 +115,9 @@ def test_warmup_shapes_fit_the_step_budget():
     assert [(1, 0)] * 4 in shapes  # a full decode batch
 
 
-def test_no_compilation_after_ready_across_step_sizes(checkpoint, compile_on_cpu, caplog):
-    engine = make_engine(checkpoint)
+@pytest.mark.parametrize("impl", ["native", "transformers"])
+def test_no_compilation_after_ready_across_step_sizes(checkpoint, compile_on_cpu, caplog, impl):
+    engine = make_engine(checkpoint, model_impl=impl)
     assert isinstance(engine.forward, CompiledForward)
     assert engine.compile_monitor.during_startup().torch_compile_graphs >= 1
     assert engine.startup.seconds["compile"] > 0 and engine.startup.seconds["warm up"] > 0

@@ -12,7 +12,9 @@ So the warm-up runs, for every query length of a ladder (powers of two and one p
 tier whatever the group size): the query alone from position 0 (a short context: no split), the same query
 after a long context (the fewest programs: split-KV when any step of this tier would split), and as many such
 queries as the step budget holds (the most programs: no split); then decode-only steps, alone after a long
-context and a full batch. Each step's first sequence samples with every sampling feature, the rest greedily.
+context and a full batch. A lone sequence samples with every sampling feature, the sequences of a batch
+greedily (the sampler compiles nothing, so one use of each path suffices, and a batch's penalty counts would
+take memory the profile run did not measure).
 
 Every sequence's block table points at block 0 of the real KV cache: the writes are garbage that no request
 reads (a sequence writes its own keys before attending to them), as in the memory profile run.
@@ -20,17 +22,12 @@ reads (a sequence writes its own keys before attending to them), as in the memor
 
 from __future__ import annotations
 
-import logging
-import time
-
 import torch
 
 from tfbackend.engine.model_runner import ModelRunner
 from tfbackend.engine.scheduler import ScheduledBatch
 from tfbackend.engine.sequence import Sequence
 from tfbackend.sampling_params import SamplingParams
-
-logger = logging.getLogger(__name__)
 
 # A sequence's shape in a warm-up step: (query tokens this step, tokens already in its context).
 SequenceShape = tuple[int, int]
@@ -73,19 +70,20 @@ def warmup_shapes(max_num_batched_tokens: int, max_num_seqs: int, max_model_len:
     return steps
 
 
-def run_warmup(runner: ModelRunner, shapes: list[list[SequenceShape]], block_size: int) -> float:
-    """Run every step of ``shapes`` through ``runner`` (eagerly: it must have no CUDA graphs); returns seconds."""
-    start = time.perf_counter()
+def run_warmup(runner: ModelRunner, shapes: list[list[SequenceShape]], block_size: int) -> None:
+    """Run every step of ``shapes`` through ``runner`` (eagerly: it must have no CUDA graphs)."""
     for step in shapes:
-        seqs = [_sequence(i, query, context, block_size, runner.device) for i, (query, context) in enumerate(step)]
+        params = _ALL_SAMPLING_FEATURES if len(step) == 1 else _GREEDY
+        seqs = [_sequence(i, query, context, params, block_size, runner.device)
+                for i, (query, context) in enumerate(step)]
         runner.execute(ScheduledBatch(seqs, [query for query, _ in step]))
     if runner.device.type == "cuda":
         torch.cuda.synchronize(runner.device)
-    return time.perf_counter() - start
 
 
-def _sequence(index: int, query: int, context: int, block_size: int, device: torch.device) -> Sequence:
-    params = _ALL_SAMPLING_FEATURES if index == 0 else _GREEDY
+def _sequence(
+    index: int, query: int, context: int, params: SamplingParams, block_size: int, device: torch.device
+) -> Sequence:
     length = context + query
     seq = Sequence(index, "warmup", 0, [0] * length, length, params, num_computed_tokens=context)
     seq.block_table = [0] * -(-length // block_size)
