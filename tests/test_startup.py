@@ -159,3 +159,4 @@ def test_cpu_kv_cache_starts_zeroed_and_writable(dtype):
     key, value = cache.layers[0]
     key[3].fill_(1.0)
     assert cache.storage.sum() == key[3].numel()
+    assert KVCache(KVCacheSpec((), dtype, 4), 8, torch.device("cpu")).storage.numel() == 0  # compat: no layers

@@ -124,7 +124,7 @@ def _numel(shape: tuple[int, ...]) -> int:
 def _zeros(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A zeroed tensor. On the CPU through calloc (numpy's zeros), whose pages the OS maps zeroed when first
     touched: the default 1 GiB cache then costs nothing at startup instead of a second of memset."""
-    if device.type != "cpu":
+    if device.type != "cpu" or numel == 0:  # (numpy's empty array has no stride to view another dtype through)
         return torch.zeros(numel, dtype=dtype, device=device)
     nbytes = numel * torch.empty((), dtype=dtype).element_size()
     return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype)

@@ -188,7 +188,8 @@ class Worker:
         return self.parallel.min_over_ranks(budget // unit) * unit
 
     def _profile_run(self, spec: KVCacheSpec, sampler: Sampler | None, num_tokens: int) -> None:
-        """Run the largest step of ``num_tokens`` with a one-block KV cache."""
+        """Run a step of ``num_tokens`` (the largest, to profile memory; or a small one, to compile the model)
+        with a one-block KV cache."""
         runner = self._scratch_runner(KVCache(spec, 1, self.device), sampler)
         runner.profile_run(num_tokens, self.config.max_num_seqs, self.max_model_len)
 
