@@ -13,6 +13,7 @@ import importlib
 import logging
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from importlib.metadata import entry_points
 
@@ -110,26 +111,40 @@ def candidates(hf_config, model_impl: str = "auto") -> tuple[list[ResolvedModel]
     ``auto``: the native class registered for the checkpoint's architecture, then the Transformers fallback
     (paged KV cache), then the compat tier (HF's own attention and caches). Any other value: only that one.
     """
+    found: list[ResolvedModel] = []
+    refusals: list[str] = []
+    for tier in _tiers(hf_config, model_impl):
+        (refusals if isinstance(tier, str) else found).append(tier)
+    return found, refusals
+
+
+def _tiers(hf_config, model_impl: str) -> Iterator[ResolvedModel | str]:
+    """As ``candidates``, one tier at a time: the class that serves, or why it cannot. A tier's class is imported
+    only when reached, so loading a native model never imports the fallback (transformers' modeling code)."""
     if model_impl not in MODEL_IMPLS:
         raise ValueError(f"model_impl must be one of {MODEL_IMPLS}, got {model_impl!r}")
     load_plugins()
     architectures = list(getattr(hf_config, "architectures", None) or [])
     name = architectures or hf_config.model_type
-    found: list[ResolvedModel] = []
-    refusals: list[str] = []
+    refusals: list[str] = []  # of the tiers so far, which a later tier's ResolvedModel lists as passed over
+
+    def refuse(reason: str) -> str:
+        refusals.append(reason)
+        return reason
+
     native_arch = next((arch for arch in architectures if arch in _native_models), None)
     if model_impl in ("auto", "native"):
         if remote_code_class_ref(hf_config) is not None:
-            refusals.append("the checkpoint ships its own modeling code, which no native port reproduces")
+            yield refuse("the checkpoint ships its own modeling code, which no native port reproduces")
         elif native_arch is None:
-            refusals.append(f"no native implementation for {name}")
+            yield refuse(f"no native implementation for {name}")
         else:
             native = _import_class(_native_models[native_arch])
             refusal = _supports(native, hf_config)
             if refusal is None:
-                found.append(ResolvedModel(native, "native", f"native implementation registered for {native_arch}"))
+                yield ResolvedModel(native, "native", f"native implementation registered for {native_arch}")
             else:
-                refusals.append(f"native {native.__name__} declines: {refusal}")
+                yield refuse(f"native {native.__name__} declines: {refusal}")
     if model_impl in ("auto", "transformers"):
         fallback = _import_class(FALLBACK_CLASS)
         refusal = _supports(fallback, hf_config)
@@ -137,9 +152,9 @@ def candidates(hf_config, model_impl: str = "auto") -> tuple[list[ResolvedModel]
             wrapped = f"wrapping {causal_lm_class(hf_config).__name__} from transformers"
             if model_impl == "transformers":
                 wrapped = f"model_impl='transformers' forces the fallback, {wrapped}"
-            found.append(ResolvedModel(fallback, "transformers", wrapped, tuple(refusals)))
+            yield ResolvedModel(fallback, "transformers", wrapped, tuple(refusals))
         else:
-            refusals.append(f"Transformers fallback declines: {refusal}")
+            yield refuse(f"Transformers fallback declines: {refusal}")
     if model_impl in ("auto", "compat"):
         compat = _import_class(COMPAT_CLASS)
         refusal = _supports(compat, hf_config)
@@ -150,10 +165,9 @@ def candidates(hf_config, model_impl: str = "auto") -> tuple[list[ResolvedModel]
             )
             if model_impl == "compat":
                 running = f"model_impl='compat' forces the compat tier, {running}"
-            found.append(ResolvedModel(compat, "compat", running, tuple(refusals)))
+            yield ResolvedModel(compat, "compat", running, tuple(refusals))
         else:
-            refusals.append(f"compat tier declines: {refusal}")
-    return found, refusals
+            yield refuse(f"compat tier declines: {refusal}")
 
 
 def resolve(hf_config, model_impl: str = "auto") -> ResolvedModel:
@@ -174,10 +188,13 @@ def load_model(
     next candidate is then tried, and the refusal becomes part of the chosen one's reason. ``quantization``
     (``--quantization``) reaches ``load`` only when set, so classes whose ``load`` predates it still load.
     """
-    found, refusals = candidates(hf_config, model_impl)
+    refusals: list[str] = []
     load_refusals: list[str] = []
     quantize = {"quantization": quantization} if quantization is not None else {}
-    for resolved in found:
+    for resolved in _tiers(hf_config, model_impl):  # lazily: a later tier is not even imported if one loads
+        if isinstance(resolved, str):
+            refusals.append(resolved)
+            continue
         try:
             model = resolved.model_class.load(model_dir, hf_config, dtype, device, **quantize)
         except UnsupportedModelError as error:

@@ -6,9 +6,9 @@ one KV head, so every K/V tile is loaded once per KV head and fed to ``tl.dot`` 
 enumerates query tiles of all sequences without reading query lengths on the host: sequence b owns tiles
 ``[query_start_loc[b] // BLOCK_Q + b, query_start_loc[b+1] // BLOCK_Q + b + 1)`` (at least as many as it needs)
 and a program finds its sequence by binary search, so the grid is ``T // BLOCK_Q + B`` tiles and spare tiles
-exit at once. Axis 1 is the KV head; axis 2 splits each sequence's keys into up to NUM_SPLITS partitions whose
+exit at once. Axis 1 is the KV head; axis 2 splits each sequence's keys into up to num_splits partitions whose
 partial softmax states a second kernel merges, which fills the GPU when few sequences decode long contexts.
-NUM_SPLITS is an upper bound sized from the step's longest possible sequence; each sequence uses only as many
+num_splits is an upper bound sized from the step's longest possible sequence; each sequence uses only as many
 partitions as its own keys fill (at least MIN_TILES_PER_SPLIT key tiles each), decided on the device from its
 length, and the spare partitions exit at once. Every grid size comes from tensor shapes and the metadata's python
 ints, so decode steps can be CUDA-graphed, and a graph captured for ``max_model_len`` still splits a short
@@ -118,7 +118,9 @@ def _tanh(x, FAST: tl.constexpr):
     return 2.0 * tl.sigmoid(2.0 * x) - 1.0
 
 
-@triton.jit
+# Per-step ints are not specialized (Triton would compile a variant per value class: 1, multiples of 16,
+# others), so every kernel variant a server needs is compiled by the engine's warm-up, never inside a request.
+@triton.jit(do_not_specialize=["num_seqs", "stride_bt_seq", "num_splits"])
 def _paged_attention_kernel(
     out_ptr,
     part_max_ptr,
@@ -149,6 +151,7 @@ def _paged_attention_kernel(
     stride_vc_slot,
     stride_vc_head,
     stride_bt_seq,
+    num_splits,
     GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_Q: tl.constexpr,
@@ -158,7 +161,7 @@ def _paged_attention_kernel(
     D_K_PAD: tl.constexpr,
     D_V: tl.constexpr,
     D_V_PAD: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
+    SPLIT_KV: tl.constexpr,
     MIN_TILES_PER_SPLIT: tl.constexpr,
     ONE_TILE_PER_SEQ: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
@@ -204,14 +207,14 @@ def _paged_attention_kernel(
         kv_begin = tl.maximum(kv_begin, (first_pos // chunk_size) * chunk_size)
     tile_begin = kv_begin // TILE_N
     tile_end = tl.cdiv(kv_end, TILE_N)
-    if NUM_SPLITS > 1:
+    if SPLIT_KV:
         # This program takes one contiguous share of the sequence's key tiles. Shares are at least
         # MIN_TILES_PER_SPLIT tiles, so a short sequence uses fewer partitions than the grid has.
-        per_split = tl.maximum(tl.cdiv(tile_end - tile_begin, NUM_SPLITS), MIN_TILES_PER_SPLIT)
+        per_split = tl.maximum(tl.cdiv(tile_end - tile_begin, num_splits), MIN_TILES_PER_SPLIT)
         tile_begin = tile_begin + split * per_split
         tile_end = tl.minimum(tile_begin + per_split, tile_end)
         if tile_begin >= tile_end:  # a spare partition: mark it empty for the reduce, which reads nothing else
-            part = ((q_start + row_tok).to(tl.int64) * num_q_heads + row_head) * NUM_SPLITS + split
+            part = ((q_start + row_tok).to(tl.int64) * num_q_heads + row_head) * num_splits + split
             tl.store(part_max_ptr + part, tl.full([BLOCK_M], float("-inf"), tl.float32), mask=row_valid)
             return
 
@@ -226,7 +229,7 @@ def _paged_attention_kernel(
 
     # Online softmax in base 2. A sink is a logit with no value: with one pass it seeds the running max and
     # sum (exp2(sink - sink) = 1); with splits the reduce kernel adds it once instead.
-    if HAS_SINKS and NUM_SPLITS == 1:
+    if HAS_SINKS and not SPLIT_KV:
         m_i = tl.load(sinks_ptr + row_head, mask=row_valid, other=0.0).to(tl.float32) * _LOG2E
         l_i = tl.full([BLOCK_M], 1.0, tl.float32)
     else:
@@ -277,19 +280,19 @@ def _paged_attention_kernel(
 
     acc = acc * v_scale  # an FP8 cache's values come back scaled (1.0 otherwise); keys' scale is in ``scale``
     out_mask = row_valid[:, None] & (d_v[None, :] < D_V)
-    if NUM_SPLITS == 1:
+    if not SPLIT_KV:
         out_rows = (q_start + row_tok).to(tl.int64) * stride_o_tok + row_head * stride_o_head
         out = acc / l_i[:, None]
         tl.store(out_ptr + out_rows[:, None] + d_v[None, :], out.to(out_ptr.dtype.element_ty), mask=out_mask)
     else:
         # Partial state of (token, head, split); a row that saw no key here stores m = -inf, l = 0, acc = 0.
-        part = ((q_start + row_tok).to(tl.int64) * num_q_heads + row_head) * NUM_SPLITS + split
+        part = ((q_start + row_tok).to(tl.int64) * num_q_heads + row_head) * num_splits + split
         tl.store(part_max_ptr + part, m_i, mask=row_valid)
         tl.store(part_sum_ptr + part, l_i, mask=row_valid)
         tl.store(part_acc_ptr + part[:, None] * D_V + d_v[None, :], acc, mask=out_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _reduce_splits_kernel(
     out_ptr,
     part_max_ptr,
@@ -299,7 +302,7 @@ def _reduce_splits_kernel(
     num_q_heads,
     stride_o_tok,
     stride_o_head,
-    NUM_SPLITS: tl.constexpr,
+    num_splits,
     SPLITS_PAD: tl.constexpr,
     D_V: tl.constexpr,
     D_V_PAD: tl.constexpr,
@@ -309,8 +312,8 @@ def _reduce_splits_kernel(
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     splits = tl.arange(0, SPLITS_PAD)
-    split_valid = splits < NUM_SPLITS
-    part = (token * num_q_heads + head) * NUM_SPLITS + splits
+    split_valid = splits < num_splits
+    part = (token * num_q_heads + head) * num_splits + splits
     m = tl.load(part_max_ptr + part, mask=split_valid, other=float("-inf"))
     # Empty partitions stored only their max (-inf); their sum and acc are never read.
     seen = split_valid & (m > float("-inf"))
@@ -489,6 +492,7 @@ class TritonAttentionBackend(AttentionBackend):
             *key_cache.stride()[:3],
             *value_cache.stride()[:3],
             metadata.block_tables.stride(0),
+            num_splits,
             GROUP=group,
             BLOCK_M=plan.block_m,
             BLOCK_Q=plan.block_q,
@@ -498,7 +502,7 @@ class TritonAttentionBackend(AttentionBackend):
             D_K_PAD=d_k_pad,
             D_V=d_v,
             D_V_PAD=d_v_pad,
-            NUM_SPLITS=num_splits,
+            SPLIT_KV=num_splits > 1,
             MIN_TILES_PER_SPLIT=plan.min_tiles_per_split,
             ONE_TILE_PER_SEQ=plan.one_tile_per_seq,
             HAS_WINDOW=options.sliding_window is not None,
@@ -521,12 +525,14 @@ class TritonAttentionBackend(AttentionBackend):
                 num_q_heads,
                 out.stride(0),
                 out.stride(1),
-                NUM_SPLITS=num_splits,
-                SPLITS_PAD=triton.next_power_of_2(num_splits),
+                num_splits,
+                # One variant for every split count (padding lanes are masked and load nothing), so a step
+                # never waits for a compilation that the warm-up's split counts did not happen to hit.
+                SPLITS_PAD=triton.next_power_of_2(_MAX_SPLITS),
                 D_V=d_v,
                 D_V_PAD=d_v_pad,
                 HAS_SINKS=options.sinks is not None,
-                num_warps=1 if d_v_pad * num_splits <= 1024 else 4,
+                num_warps=4 if d_v_pad <= 128 else 8,
             )
         return out
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from tfbackend.bench.cold import ColdRun
 from tfbackend.bench.workloads import LatencyResult, ThroughputResult
 
 
@@ -20,6 +21,18 @@ def throughput_row(system: str, result: ThroughputResult, floor_s: float, note: 
         "output_tok_s": result.output_tok_s, "total_tok_s": result.total_tok_s,
         "floor_s": floor_s, "floor_fraction": floor_s / result.elapsed_s, "note": note,
     }
+
+
+def cold_row(system: str, run: ColdRun, floor_s: float) -> dict:
+    """A ``bench --cold`` run: its T1 row, with the startup and first request it measured."""
+    row = throughput_row(
+        system, run.throughput, floor_s,
+        f"{run.compile_cache} compile cache: ready {run.startup_s:.1f} s after start, first request "
+        f"{run.first_request_s * 1e3:.0f} ms",
+    )
+    row.update(compile_cache=run.compile_cache, startup_s=run.startup_s, startup_phases=run.startup_phases,
+               first_request_ms=run.first_request_s * 1e3, compilations_after_ready=run.compilations_after_ready)
+    return row
 
 
 def latency_row(system: str, result: LatencyResult, floor_ttft_s: float, floor_step_s: float) -> dict:
@@ -47,8 +60,10 @@ def document(rows: list[dict], **sections) -> dict:
 
 
 def format_table(rows: list[dict]) -> str:
-    """Throughput rows give tok/s, latency rows ms per token and TTFT; every row its fraction of the floor."""
-    header = ("system", "scenario", "batch", "out tok/s", "total tok/s", "ms/token", "TTFT ms", "of floor", "note")
+    """Throughput rows give tok/s, latency rows ms per token and TTFT; every row its fraction of the floor, and
+    tfbackend's rows how often the engine compiled after it was ready (it should not)."""
+    header = ("system", "scenario", "batch", "out tok/s", "total tok/s", "ms/token", "TTFT ms", "of floor",
+              "compiled after ready", "note")
     lines = [header]
     for row in rows:
         lines.append((
@@ -56,7 +71,7 @@ def format_table(rows: list[dict]) -> str:
             str(row.get("batch_size") or row.get("num_requests")),
             _number(row.get("output_tok_s"), "{:,.0f}"), _number(row.get("total_tok_s"), "{:,.0f}"),
             _number(row.get("ms_per_token"), "{:.3f}"), _number(row.get("ttft_ms"), "{:.1f}"),
-            f"{row['floor_fraction']:.1%}", row.get("note", ""),
+            f"{row['floor_fraction']:.1%}", _number(row.get("compilations_after_ready"), "{}"), row.get("note", ""),
         ))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines)

@@ -75,13 +75,16 @@ def greedy(output_len: int, structured: StructuredOutputsParams | None = None) -
 
 
 def run_throughput(llm: LLM, workload: ThroughputWorkload, vocab_size: int,
-                   structured: StructuredOutputsParams | None = None) -> ThroughputResult:
+                   structured: StructuredOutputsParams | None = None, warmup: bool = True) -> ThroughputResult:
     """``structured``: a grammar every request's output must follow (T1 with structured outputs); a grammar
-    may end an output before ``output_len`` tokens, so only then are fewer tokens accepted."""
+    may end an output before ``output_len`` tokens, so only then are fewer tokens accepted. ``warmup=False``
+    times the workload as the first one after startup (``bench --cold``)."""
     # Warm-up: as many prompts drawn the same way (other seed), a few tokens each, so every kind of step (long
     # prefill chunks, mixed steps, decode at every batch size) has run once before timing (and the grammar is
     # compiled).
-    llm.generate([{"prompt_token_ids": p} for p in workload.prompts(vocab_size, seed_offset=1)], greedy(4, structured))
+    if warmup:
+        llm.generate([{"prompt_token_ids": p} for p in workload.prompts(vocab_size, seed_offset=1)],
+                     greedy(4, structured))
     prompts = workload.prompts(vocab_size)
     start = time.perf_counter()
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy(workload.output_len, structured),

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from tfbackend.attention import AttentionBackend, AttentionMetadata, ForwardContext, forward_context
+from tfbackend.engine.compile_monitor import count_cuda_graph_capture
 from tfbackend.engine.device import resolve_placeholders
 from tfbackend.kv_cache import KVCache
 
@@ -47,9 +48,11 @@ class CompiledForward:
     Should compiling fail for some model, the first call says so and the model runs as written from then on.
     """
 
+    backend = "inductor"  # torch.compile's backend; tests on a CPU use "eager" (tracing only, no code generation)
+
     def __init__(self, model: torch.nn.Module):
         self.model = model
-        self.compiled = torch.compile(model.forward, dynamic=True)
+        self.compiled = torch.compile(model.forward, dynamic=True, backend=self.backend)
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         if self.compiled is not None:
@@ -128,6 +131,7 @@ class CUDAGraphRunner:
                 with torch.cuda.graph(graph, pool=pool):
                     self.outputs[batch_size] = self.forward(input_ids, positions)
             self.graphs[batch_size] = graph
+            count_cuda_graph_capture()
         torch.cuda.synchronize()
         logger.info(
             "captured %d CUDA graphs (batch sizes %d..%d) in %.1f s, %.0f MiB",

@@ -19,6 +19,7 @@ import torch
 from tfbackend.config import EngineConfig
 from tfbackend.distributed import SINGLE_PROCESS
 from tfbackend.engine.block_manager import BlockManager
+from tfbackend.engine.compile_monitor import CompileCounts, CompileMonitor
 from tfbackend.engine.device import placeholder
 from tfbackend.engine.errors import EngineDeadError
 from tfbackend.engine.executor import Executor
@@ -29,6 +30,7 @@ from tfbackend.engine.request import Request, validate_request
 from tfbackend.engine.sampler import Sampler, reads_token_history
 from tfbackend.engine.scheduler import ScheduledBatch, Scheduler
 from tfbackend.engine.sequence import Sequence
+from tfbackend.engine.startup import StartupReport
 from tfbackend.engine.worker import Worker
 from tfbackend.hf_classes import load_hf_config
 from tfbackend.outputs import RequestOutput
@@ -48,6 +50,8 @@ class EngineStats:
     prefix_cache_queries: int
     prefix_cache_hits: int
     num_preemptions: int
+    compilations_after_ready: CompileCounts  # should stay zero: startup compiles everything serving needs
+    startup_seconds: dict[str, float]  # per startup phase, and "total"
 
 
 class LLMEngine:
@@ -56,12 +60,15 @@ class LLMEngine:
 
         config.validate()
         self.config = config
-        self.model_dir = resolve_model(config.model)
-        hf_config = load_hf_config(self.model_dir, config.trust_remote_code)
+        self.startup = StartupReport()
+        self.compile_monitor = CompileMonitor()
+        with self.startup.phase("resolve"):
+            self.model_dir = resolve_model(config.model)
+            hf_config = load_hf_config(self.model_dir, config.trust_remote_code)
+            self.tokenizer = load_tokenizer(config.tokenizer or self.model_dir)
+            self.eos_token_ids = eos_token_ids(self.model_dir, hf_config, self.tokenizer)
         self.hf_config = hf_config
-        self.tokenizer = load_tokenizer(config.tokenizer or self.model_dir)
         self.max_model_len = max_model_len(hf_config, config.max_model_len)
-        self.eos_token_ids = eos_token_ids(self.model_dir, hf_config, self.tokenizer)
         self.dead: EngineDeadError | None = None
         # Several ranks: this process is rank 0 (the driver); the executor starts and drives the others.
         self.executor = Executor(config, self.model_dir, hf_config) if config.world_size > 1 else None
@@ -72,7 +79,7 @@ class LLMEngine:
             self.device = parallel.device or config.torch_device()
             self.sampler = Sampler(self.device, config.seed, self.eos_token_ids)
             send_step = None if self.executor is None else self.executor.send_step
-            self.worker = Worker(config, self.model_dir, hf_config, parallel, self.sampler, send_step)
+            self.worker = Worker(config, self.model_dir, hf_config, parallel, self.sampler, send_step, self.startup)
         except BaseException as error:
             if self.executor is None:
                 raise
@@ -103,6 +110,12 @@ class LLMEngine:
         )
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
+        self.compile_monitor.mark_ready()
+        compiled = self.compile_monitor.during_startup()
+        self.startup.finish(
+            f"ready; compiled {compiled.torch_compile_graphs} torch.compile graph(s), "
+            f"{compiled.triton_kernels} Triton kernel(s), captured {compiled.cuda_graphs} CUDA graph(s)"
+        )
 
     def shutdown(self) -> None:
         """Stop the other ranks of a multi-rank engine (nothing to do for a single-process one)."""
@@ -200,6 +213,13 @@ class LLMEngine:
             previous = None
             batch = _without_finished(batch)
         pending = self.runner.launch(batch, previous) if batch.seqs else None
+        if (compiled := self.compile_monitor.check()) is not None:
+            logger.warning(
+                "compiled after ready, in a step of %d tokens over %d sequences (which stalled for it): %d "
+                "torch.compile graph(s), %d Triton kernel(s), %d CUDA graph(s); %d since ready",
+                batch.num_tokens, len(batch.seqs), compiled.torch_compile_graphs, compiled.triton_kernels,
+                compiled.cuda_graphs, self.compile_monitor.after_ready().total,
+            )
         for seq, num_new in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += num_new
         if previous is not None:
@@ -233,6 +253,8 @@ class LLMEngine:
             prefix_cache_queries=bm.prefix_queries,
             prefix_cache_hits=bm.prefix_hits,
             num_preemptions=self.scheduler.num_preemptions,
+            compilations_after_ready=self.compile_monitor.after_ready(),
+            startup_seconds=dict(self.startup.seconds),
         )
 
 

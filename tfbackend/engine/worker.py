@@ -31,20 +31,29 @@ from tfbackend.distributed.rendezvous import (
     init_rank,
     joined_key,
 )
+from tfbackend.engine.compile_cache import configure_compile_cache
 from tfbackend.engine.cuda_graphs import GRAPH_SAFE_BACKENDS, CompiledForward
 from tfbackend.engine.memory import kv_cache_budget, plan_cache
 from tfbackend.engine.model_files import max_model_len
 from tfbackend.engine.model_runner import ModelRunner, StepInputs
 from tfbackend.engine.sampler import Sampler
+from tfbackend.engine.startup import StartupReport
 from tfbackend.engine.step_broadcast import StepBroadcast
+from tfbackend.engine.warmup import run_warmup, warmup_shapes
 from tfbackend.hf_classes import load_hf_config
 from tfbackend.kv_cache import KVCache, KVCacheSpec
+from tfbackend.model_source import default_cache_dir
 from tfbackend.native.weights import safetensors_files
 from tfbackend.quantization.kv_cache import kv_cache_torch_dtype, read_kv_cache_scales
 from tfbackend.quantization.linear import loaded_weight_bytes
 from tfbackend.registry import load_model
 
 logger = logging.getLogger(__name__)
+
+# Where the model is compiled: on a CPU, Inductor's C++ compilation would cost more startup than it saves.
+COMPILE_DEVICE_TYPES = ("cuda",)
+# The step that compiles the model at startup: with dynamic shapes its graph serves every larger step too.
+COMPILE_STEP_TOKENS = 64
 
 
 class Worker:
@@ -56,23 +65,26 @@ class Worker:
         parallel: ParallelContext,
         sampler: Sampler | None = None,
         send_step: Callable[[StepInputs, torch.Tensor | None], None] | None = None,
+        startup: StartupReport | None = None,
     ):
-        """``sampler`` and ``send_step``: the driver's (it samples and hands each step to the other ranks)."""
+        """``sampler`` and ``send_step``: the driver's (it samples and hands each step to the other ranks).
+        ``startup``: where the phases are timed (the driver's engine passes its report)."""
         self.config = config
         self.parallel = parallel
+        self.startup = startup or StartupReport()
+        configure_compile_cache(default_cache_dir())  # before anything compiles
         self.device = parallel.device or config.torch_device()
         self.dtype = config.torch_dtype(hf_config, self.device)
         self.max_model_len = max_model_len(hf_config, config.max_model_len)
         torch.manual_seed(config.seed)
-        with use_parallel(parallel):
+        with self.startup.phase("load weights"), use_parallel(parallel):
             self.model, resolved = load_model(
                 model_dir, hf_config, config.model_impl, self.dtype, self.device, config.quantization
             )
         self.model_impl, self.model_impl_reason = resolved.model_impl, resolved.reason
         self.attention_backend = get_attention_backend(config.attention_backend, self.device)
         self.use_cuda_graphs = self._use_cuda_graphs()
-        # Graph mode compiles the model too (enforce_eager turns both off); the profiling run compiles it.
-        self.forward = CompiledForward(self.model) if self.use_cuda_graphs else self.model
+        self.forward = CompiledForward(self.model) if self._use_compile() else self.model
         self.stages = None
         if parallel.pp_size > 1:
             vocab_size = hf_config.get_text_config().vocab_size
@@ -86,8 +98,14 @@ class Worker:
         self.max_batched_tokens = config.max_num_batched_tokens
         if not self.model.supports_chunked_prefill:
             self.max_batched_tokens = max(self.max_batched_tokens, self.max_model_len)
-        plan = plan_cache(config, spec, self.model.sequence_state(), self.max_model_len,
-                          lambda full_batch_bytes: self._budget(spec, sampler, full_batch_bytes))
+        if isinstance(self.forward, CompiledForward):
+            with self.startup.phase("compile"):  # dynamic shapes: one small step compiles every size
+                self._profile_run(spec, sampler, min(self.max_batched_tokens, COMPILE_STEP_TOKENS))
+        else:
+            self.startup.skip("compile", self._eager_reason())
+        with self.startup.phase("profile memory"):
+            plan = plan_cache(config, spec, self.model.sequence_state(), self.max_model_len,
+                              lambda full_batch_bytes: self._budget(spec, sampler, full_batch_bytes))
         self.max_num_seqs = plan.max_num_seqs
         self.kv_cache = KVCache(spec, plan.num_blocks, self.device)
         if cache_dtype != self.dtype:  # FP8: the checkpoint's per-layer scales, if it has them
@@ -105,9 +123,45 @@ class Worker:
             self.model, self.kv_cache, self.attention_backend, sampler, self.device, self.forward, parallel,
             self.stages, send_step,
         )
+        if self._use_warmup():
+            with self.startup.phase("warm up"):
+                shapes = warmup_shapes(self.max_batched_tokens, plan.max_num_seqs, self.max_model_len)
+                run_warmup(self._scratch_runner(self.kv_cache, sampler), shapes, config.block_size)
+        else:
+            self.startup.skip("warm up", self._eager_reason())
         if self.use_cuda_graphs:
-            max_batch = min(plan.max_num_seqs, self.max_batched_tokens)
-            self.runner.capture_cuda_graphs(max_batch, self.max_model_len)
+            with self.startup.phase("capture graphs"):
+                self.runner.capture_cuda_graphs(min(plan.max_num_seqs, self.max_batched_tokens), self.max_model_len)
+        else:
+            self.startup.skip("capture graphs", self._eager_reason())
+
+    def _use_compile(self) -> bool:
+        """torch.compile the forward on the devices where it pays, for models whose forward can be captured in
+        a graph (no host syncs, no per-sequence Python state; attention is an opaque op whatever the backend).
+        ``enforce_eager`` turns it off, with the CUDA graphs. Pipeline stages run eagerly."""
+        return (
+            not self.config.enforce_eager
+            and self.device.type in COMPILE_DEVICE_TYPES
+            and self.model.supports_cuda_graphs
+            and self.parallel.pp_size == 1
+        )
+
+    def _use_warmup(self) -> bool:
+        """Whether anything compiles lazily that a warm-up should compile before ready: the compiled forward, and
+        on GPU the Triton kernels. Models that keep per-sequence state (compat) cannot take synthetic steps."""
+        compiles = isinstance(self.forward, CompiledForward) or self.device.type == "cuda"
+        return compiles and not self.config.enforce_eager and self.model.sequence_state() is None
+
+    def _eager_reason(self) -> str:
+        if self.config.enforce_eager:
+            return "enforce_eager"
+        if self.device.type not in COMPILE_DEVICE_TYPES:
+            return f"nothing compiles on {self.device.type}"
+        if self.model.sequence_state() is not None:
+            return f"the {self.model_impl} tier runs eagerly"
+        if self.parallel.pp_size > 1:
+            return "pipeline stages run eagerly"
+        return f"no CUDA graphs for this model or the {self.attention_backend.name} attention backend"
 
     def _use_cuda_graphs(self) -> bool:
         if self.device.type != "cuda" or self.config.enforce_eager or not self.model.supports_cuda_graphs:
@@ -124,7 +178,8 @@ class Worker:
         """This rank's KV cache budget, cut to what the most constrained rank can hold: as many blocks (or,
         for a model with its own per-sequence state, sequences) on every rank, each in its own layout."""
         budget = kv_cache_budget(
-            self.config, self.device, self.use_cuda_graphs, lambda: self._profile_run(spec, sampler), full_batch_bytes
+            self.config, self.device, self.use_cuda_graphs,
+            lambda: self._profile_run(spec, sampler, self.max_batched_tokens), full_batch_bytes,
         )
         state = self.model.sequence_state()
         unit = spec.bytes_per_block if state is None else state.sequence_bytes(self.max_model_len)
@@ -132,14 +187,20 @@ class Worker:
             return budget
         return self.parallel.min_over_ranks(budget // unit) * unit
 
-    def _profile_run(self, spec: KVCacheSpec, sampler: Sampler | None) -> None:
-        """Run the largest step with a one-block KV cache and a throwaway sampler (the engine's RNG stays)."""
-        profile_sampler = None if sampler is None else Sampler(self.device, self.config.seed, sampler.eos_token_ids)
-        runner = ModelRunner(
-            self.model, KVCache(spec, 1, self.device), self.attention_backend, profile_sampler, self.device,
-            self.forward, self.parallel, self.stages,
+    def _profile_run(self, spec: KVCacheSpec, sampler: Sampler | None, num_tokens: int) -> None:
+        """Run a step of ``num_tokens`` (the largest, to profile memory; or a small one, to compile the model)
+        with a one-block KV cache."""
+        runner = self._scratch_runner(KVCache(spec, 1, self.device), sampler)
+        runner.profile_run(num_tokens, self.config.max_num_seqs, self.max_model_len)
+
+    def _scratch_runner(self, kv_cache: KVCache, sampler: Sampler | None) -> ModelRunner:
+        """An eager runner for startup steps, run on every rank alike, with a throwaway sampler on the driver
+        (the engine's RNG stays untouched)."""
+        scratch_sampler = None if sampler is None else Sampler(self.device, self.config.seed, sampler.eos_token_ids)
+        return ModelRunner(
+            self.model, kv_cache, self.attention_backend, scratch_sampler, self.device, self.forward, self.parallel,
+            self.stages,
         )
-        runner.profile_run(self.max_batched_tokens, self.config.max_num_seqs, self.max_model_len)
 
 
 def run_worker(rendezvous: Rendezvous, rank: int) -> None:

@@ -2,6 +2,7 @@
 
     tfbackend bench throughput --random-weights llama-3.2-1b --impl native,transformers --peers hf-generate,hf-cb
     tfbackend bench latency --model PATH --batch-size 1,8,32 --output latency.json --plot latency.png
+    tfbackend bench throughput --random-weights llama-3.2-1b --cold     # startup and T1 after a restart, cold and warm
     tfbackend bench throughput --random-weights llama-3.2-1b --tokenizer TOKENIZER_DIR \
         --json-schema benchmarks/structured_output_schema.json      # T1 without and with a grammar on every request
 
@@ -22,6 +23,7 @@ import torch
 
 from tfbackend.bench import peers as hf_peers
 from tfbackend.bench import report
+from tfbackend.bench.cold import run_cold_and_warm
 from tfbackend.bench.floor import ModelCost, latency_floor, measure_hardware, throughput_floor
 from tfbackend.bench.presets import PRESETS, random_checkpoint
 from tfbackend.bench.workloads import LatencyWorkload, ThroughputWorkload, run_latency, run_throughput
@@ -65,6 +67,9 @@ def add_parser(subparsers) -> None:
     throughput.add_argument("--output-len", type=int, default=256)
     throughput.add_argument("--hf-generate-requests", type=int, default=None,
                             help="run hf-generate on only the first N requests (one padded batch; default: all)")
+    throughput.add_argument("--cold", action="store_true",
+                            help="run T1 in a fresh process with empty compile caches, then in another with the "
+                            "caches it left: startup, first-request latency and compilations after ready")
     throughput.add_argument("--json-schema", type=Path, default=None,
                             help="also run each implementation with this JSON schema (a file) as every request's "
                             "structured output; needs a tokenizer (--tokenizer for --random-weights)")
@@ -135,11 +140,13 @@ class _LazyCost:
         self._value: ModelCost | None = None
 
     def learn(self, llm: LLM) -> None:
+        worker = llm.engine.worker
+        self.learn_specs(worker.kv_specs, worker.weight_bytes, llm.engine.config.tensor_parallel_size)
+
+    def learn_specs(self, kv_specs, weight_bytes: int, tensor_parallel_size: int) -> None:
         if self._value is None:
-            engine = llm.engine
             self._value = ModelCost.from_checkpoint(
-                self.model_dir, self.hf_config, engine.worker.kv_specs, engine.worker.weight_bytes,
-                engine.config.tensor_parallel_size,
+                self.model_dir, self.hf_config, kv_specs, weight_bytes, tensor_parallel_size
             )
 
     @property
@@ -161,6 +168,25 @@ def _throughput(args, base: EngineConfig, model_dir: Path, cost: _LazyCost, hard
                                 base.max_num_seqs, base.max_num_batched_tokens)
 
     structured = _json_schema(args.json_schema)
+    if args.cold:
+        if args.peers or structured is not None:
+            raise ValueError("--cold runs tfbackend alone, without --peers or --json-schema")
+        rows = []
+        impls = args.impl or [base.model_impl]
+        for impl in impls:
+            config = dataclasses.replace(base, model_impl=impl)
+            print(f"{impl}: T1 in a fresh process with empty compile caches, then in one with warm caches...")
+            try:
+                runs = run_cold_and_warm(config, workload, vocab_size)
+            except RuntimeError as exc:  # as _run_all: one implementation that cannot run loses no other result
+                if len(impls) == 1:
+                    raise
+                not_run[f"tfbackend[{impl}]"] = str(exc).splitlines()[0][:200]
+                continue
+            for run in runs:
+                cost.learn_specs(run.kv_specs, run.weight_bytes, config.tensor_parallel_size)
+                rows.append(report.cold_row(f"tfbackend[{run.model_impl}]", run, floor(prompts)))
+        return rows, workload
 
     def on_engine(llm: LLM, system: str) -> list[dict]:
         cost.learn(llm)
@@ -285,9 +311,12 @@ def _with_engine(config: EngineConfig, fn) -> list[dict]:
         print(f"{name}: KV cache of {kv_tokens:,} tokens ({llm.engine.kv_cache.spec.dtype}), "
               f"weights {llm.engine.worker.weight_bytes / 2**30:.2f} GiB")
         rows = fn(llm, name)
+        stats = llm.engine.stats()
         for row in rows:
             row["kv_capacity_tokens"] = kv_tokens
             row["note"] = "; ".join(part for part in (row.get("note"), f"KV {kv_tokens:,} tokens") if part)
+            row["startup_s"] = stats.startup_seconds["total"]
+            row["compilations_after_ready"] = stats.compilations_after_ready.total
         return rows
     finally:
         llm.engine.shutdown()  # the next engine may need the same GPUs (and this process's process group)

@@ -73,7 +73,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
              "is in it (default: the checkpoint's own quantization_config)")
     add("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default=defaults.kv_cache_dtype,
         help="auto: the model dtype; fp8: E4M3 with per-layer scales (from the checkpoint, else 1.0)")
-    add("--enforce-eager", action="store_true", help="never capture CUDA graphs")
+    add("--enforce-eager", action="store_true",
+        help="start without compiling: no torch.compile, no warm-up, no CUDA graphs (slower steps, faster start)")
     add("--seed", type=int, default=defaults.seed, help="seed for requests that set none")
     add("--trust-remote-code", action="store_true",
         help="run the modeling code a checkpoint ships (config.json auto_map); only for checkpoints you trust")

@@ -30,7 +30,9 @@ from tfbackend.kernels.moe import GatedActivation
 _SCAN_BLOCK = 1024  # pairs per iteration of the sorting kernels
 
 
-@triton.jit
+# Counts that change with every step's token count are not specialized in any kernel here (Triton would compile
+# a variant per value class: 1, multiples of 16, others), so the engine's warm-up compiles every variant.
+@triton.jit(do_not_specialize=["num_pairs"])
 def _count_kernel(topk_ids_ptr, counts_ptr, num_pairs, SCAN_BLOCK: tl.constexpr):
     """One program per expert: how many pairs chose it."""
     expert = tl.program_id(0)
@@ -42,7 +44,7 @@ def _count_kernel(topk_ids_ptr, counts_ptr, num_pairs, SCAN_BLOCK: tl.constexpr)
     tl.store(counts_ptr + expert, tl.sum(hits, 0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs", "max_blocks"])
 def _place_kernel(
     topk_ids_ptr,
     counts_ptr,
@@ -126,7 +128,7 @@ def _gated(gate, up, ACTIVATION: tl.constexpr, alpha, limit):
     return tl.maximum(gate, 0.0) * up  # relu
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs", "num_row_blocks"])
 def _gate_up_kernel(
     hidden_ptr,
     weight_ptr,
@@ -199,7 +201,7 @@ def _gate_up_kernel(
     tl.store(out_ptrs, out.to(inter_ptr.dtype.element_ty), mask=row_valid[:, None] & col_valid[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs", "num_row_blocks"])
 def _down_kernel(
     inter_ptr,
     weight_ptr,

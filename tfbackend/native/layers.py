@@ -80,7 +80,8 @@ class RotaryEmbedding(nn.Module):
             self.max_positions = int(self.max_positions * rope_parameters["factor"])
         self.register_buffer("cos_cache", torch.empty(self.max_positions, head_dim // 2), persistent=False)
         self.register_buffer("sin_cache", torch.empty(self.max_positions, head_dim // 2), persistent=False)
-        self.init_buffers()
+        if not self.cos_cache.is_meta:  # a model built on the meta device computes it after ``to_empty``
+            self.init_buffers()
 
     def _inverse_frequencies(self, device: torch.device) -> tuple[torch.Tensor, float]:
         """``[1 or max_positions, head_dim / 2]`` inverse frequencies and the cos/sin scale."""

@@ -98,6 +98,13 @@ class ServerMetrics:
                                  "Tokens found in the prefix cache.")
         self._preemptions = make(Counter, ("tfbackend:num_preemptions", "vllm:num_preemptions"),
                                  "Sequences preempted for lack of KV blocks.")
+        self._compilations = make(
+            Gauge, ("tfbackend:compilations_after_ready",),
+            "Compilations since the engine was ready, by kind (torch_compile, triton, cuda_graph); each stalled "
+            "a step. Startup compiles everything serving needs, so this should stay 0.", ("kind",),
+        )
+        self._startup = make(Gauge, ("tfbackend:startup_seconds",), "Seconds each startup phase took, and the total.",
+                             ("phase",))
         self._last_totals = (0, 0, 0)  # the engine's cumulative prefix queries, hits, preemptions already counted
 
     def request_done(self, status: str, count: int = 1) -> None:
@@ -135,6 +142,12 @@ class ServerMetrics:
             if now > before:
                 counter.inc(now - before)
         self._last_totals = totals
+        compiled = stats.compilations_after_ready
+        for kind, count in (("torch_compile", compiled.torch_compile_graphs), ("triton", compiled.triton_kernels),
+                            ("cuda_graph", compiled.cuda_graphs)):
+            self._compilations.labels(kind=kind, **self._labels).set(count)
+        for phase, seconds in stats.startup_seconds.items():
+            self._startup.labels(phase=phase, **self._labels).set(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

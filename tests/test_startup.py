@@ -1,0 +1,162 @@
+"""Ready means fast: the compile cache's location, the startup report, and nothing compiling after ready.
+
+On a CPU the engine compiles nothing, so the tests that need compilation turn it on for the CPU with
+torch.compile's "eager" backend: dynamo traces, guards and recompiles exactly as on a GPU, without generating
+code. Triton kernels and CUDA graphs need a GPU; ``benchmarks/startup_check.sh`` counts those.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from tests.tiny_models import make_checkpoint, random_prompts
+
+from tfbackend.config import EngineConfig
+from tfbackend.engine import worker
+from tfbackend.engine.compile_cache import INDUCTOR_CACHE_ENV, TRITON_CACHE_ENV, configure_compile_cache
+from tfbackend.engine.cuda_graphs import CompiledForward
+from tfbackend.engine.llm_engine import LLMEngine
+from tfbackend.engine.startup import PHASES
+from tfbackend.engine.warmup import query_length_ladder, warmup_shapes
+from tfbackend.sampling_params import SamplingParams
+
+MAX_BATCHED_TOKENS = 32
+MAX_MODEL_LEN = 128
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny-llama")
+    make_checkpoint("llama", path, max_position_embeddings=MAX_MODEL_LEN)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def compile_cache_env(tmp_path, monkeypatch):
+    """Each test gets its own cache root, and the variables the engine sets are restored afterwards."""
+    monkeypatch.setenv("TFBACKEND_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv(INDUCTOR_CACHE_ENV, raising=False)
+    monkeypatch.delenv(TRITON_CACHE_ENV, raising=False)
+
+
+@pytest.fixture
+def compile_on_cpu(monkeypatch):
+    monkeypatch.setattr(worker, "COMPILE_DEVICE_TYPES", ("cuda", "cpu"))
+    monkeypatch.setattr(CompiledForward, "backend", "eager")
+
+
+def make_engine(checkpoint: Path, **overrides) -> LLMEngine:
+    config = dict(model=str(checkpoint), model_impl="native", device="cpu", dtype="float32", block_size=4,
+                  max_model_len=MAX_MODEL_LEN, max_num_batched_tokens=MAX_BATCHED_TOKENS, max_num_seqs=8,
+                  kv_cache_memory=1 << 20)
+    return LLMEngine(EngineConfig(**(config | overrides)))
+
+
+def generate(engine: LLMEngine, prompts: list[list[int]], max_tokens: int = 3) -> None:
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"r{i}", prompt, params)
+    while engine.has_unfinished_requests():
+        engine.step()
+
+
+def dynamo_graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def test_compile_caches_default_under_tfbackend_cache(tmp_path):
+    dirs = configure_compile_cache(tmp_path)
+    assert dirs.inductor == tmp_path / "compile" / "inductor" and not dirs.inductor_from_user
+    assert dirs.triton == tmp_path / "compile" / "triton" and not dirs.triton_from_user
+    assert os.environ[INDUCTOR_CACHE_ENV] == str(dirs.inductor)
+    assert os.environ[TRITON_CACHE_ENV] == str(dirs.triton)
+
+
+def test_compile_caches_keep_the_users_directories(tmp_path, monkeypatch):
+    monkeypatch.setenv(INDUCTOR_CACHE_ENV, str(tmp_path / "mine-inductor"))
+    monkeypatch.setenv(TRITON_CACHE_ENV, str(tmp_path / "mine-triton"))
+    dirs = configure_compile_cache(tmp_path / "tfbackend")
+    assert (dirs.inductor, dirs.triton) == (tmp_path / "mine-inductor", tmp_path / "mine-triton")
+    assert dirs.inductor_from_user and dirs.triton_from_user
+    assert os.environ[INDUCTOR_CACHE_ENV] == str(tmp_path / "mine-inductor")
+
+
+def test_engine_points_the_caches_at_tfbackend_cache(checkpoint, tmp_path):
+    make_engine(checkpoint)
+    assert os.environ[INDUCTOR_CACHE_ENV] == str(tmp_path / "cache" / "compile" / "inductor")
+    assert os.environ[TRITON_CACHE_ENV] == str(tmp_path / "cache" / "compile" / "triton")
+
+
+def test_startup_report_has_one_line_per_phase(checkpoint, caplog):
+    with caplog.at_level(logging.INFO, logger="tfbackend.engine.startup"):
+        engine = make_engine(checkpoint)
+    lines = [record.getMessage() for record in caplog.records if record.name == "tfbackend.engine.startup"]
+    for phase, line in zip((*PHASES, "total"), lines, strict=True):
+        assert line.startswith(f"startup: {phase} ")
+    assert "skipped: nothing compiles on cpu" in lines[PHASES.index("compile")]
+    assert set(engine.startup.seconds) == {*PHASES, "total"}
+    assert engine.startup.seconds["total"] >= engine.startup.seconds["load weights"] > 0
+
+
+def test_warmup_shapes_fit_the_step_budget():
+    assert query_length_ladder(40) == [2, 3, 4, 5, 8, 9, 16, 17, 32, 33, 40]
+    shapes = warmup_shapes(max_num_batched_tokens=64, max_num_seqs=4, max_model_len=100)
+    for step in shapes:
+        assert 1 <= len(step) <= 4
+        assert sum(query for query, _ in step) <= 64
+        assert all(query + context <= 100 for query, context in step)
+    assert [(64, 0)] in shapes and [(64, 36)] in shapes  # the longest chunk, alone, from 0 and after a context
+    assert [(1, 0)] * 4 in shapes  # a full decode batch
+
+
+@pytest.mark.parametrize("impl", ["native", "transformers"])
+def test_no_compilation_after_ready_across_step_sizes(checkpoint, compile_on_cpu, caplog, impl):
+    engine = make_engine(checkpoint, model_impl=impl)
+    assert isinstance(engine.forward, CompiledForward)
+    assert engine.compile_monitor.during_startup().torch_compile_graphs >= 1
+    assert engine.startup.seconds["compile"] > 0 and engine.startup.seconds["warm up"] > 0
+    with caplog.at_level(logging.WARNING, logger="tfbackend.engine.llm_engine"):
+        generate(engine, random_prompts([1]))  # a lone decode: one token per step
+        generate(engine, random_prompts([1, 7, 40, 100, 3, 64, 17, 2]))  # chunked prefills, mixed steps
+    assert engine.stats().compilations_after_ready.total == 0
+    assert "compiled after ready" not in caplog.text
+
+
+def test_a_forced_recompile_is_counted_and_warned(checkpoint, compile_on_cpu, caplog):
+    engine = make_engine(checkpoint)
+    torch._dynamo.reset()  # drops every compiled graph: the next step must compile again
+    with caplog.at_level(logging.WARNING, logger="tfbackend.engine.llm_engine"):
+        generate(engine, random_prompts([5]), max_tokens=2)
+    assert engine.stats().compilations_after_ready.torch_compile_graphs >= 1
+    assert "compiled after ready, in a step of 5 tokens over 1 sequences" in caplog.text
+
+
+def test_enforce_eager_compiles_nothing(checkpoint, compile_on_cpu, caplog):
+    before = dynamo_graphs()
+    with caplog.at_level(logging.INFO, logger="tfbackend.engine.startup"):
+        engine = make_engine(checkpoint, enforce_eager=True)
+    generate(engine, random_prompts([3, 20]))
+    assert engine.forward is engine.model
+    assert dynamo_graphs() == before
+    assert engine.compile_monitor.during_startup().total == 0
+    assert caplog.text.count("skipped: enforce_eager") == 3  # compile, warm up, capture graphs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_kv_cache_starts_zeroed_and_writable(dtype):
+    """On the CPU the cache comes from calloc (no memset at startup); it must still read as zeros."""
+    from tfbackend.kv_cache import KVCache, KVCacheSpec
+    from tfbackend.model_interface import AttentionLayerSpec
+
+    cache = KVCache(KVCacheSpec((AttentionLayerSpec(2, 16, 16),), dtype, 4), 8, torch.device("cpu"))
+    assert cache.storage.dtype == dtype and not cache.storage.any()
+    key, value = cache.layers[0]
+    key[3].fill_(1.0)
+    assert cache.storage.sum() == key[3].numel()
+    assert KVCache(KVCacheSpec((), dtype, 4), 8, torch.device("cpu")).storage.numel() == 0  # compat: no layers

@@ -1,0 +1,54 @@
+"""A persistent compile cache under ``$TFBACKEND_CACHE``, so the second start of a model skips compilation.
+
+What the GPU path compiles is deterministic for the model's shapes and the installed versions: Inductor's
+generated code (its FX graph cache and AOTAutograd cache, both on by default in torch, keyed by graph, config
+and versions) and Triton's kernels (keyed by source, constants and versions). Both caches only need a
+directory that outlives the process; torch's default is under ``/tmp``, which machines wipe, and Triton's is
+``~/.triton``, shared with every other program. Pointing them at ``$TFBACKEND_CACHE/compile`` keeps them with
+the converted models and lets ``bench --cold`` start from an empty one.
+
+The environment variables are read lazily, when something first compiles, so they must be set before that
+(the engine does it first thing). A value the user set is left alone; so is one torch set itself when this
+process already compiled before the engine configured the cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+# Inductor keeps its FX graph, AOTAutograd and autotuning caches here; Triton its compiled kernels (Inductor's
+# generated ones too, when TRITON_CACHE_DIR is set).
+INDUCTOR_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
+TRITON_CACHE_ENV = "TRITON_CACHE_DIR"
+
+
+@dataclass(frozen=True)
+class CompileCacheDirs:
+    inductor: Path
+    triton: Path
+    inductor_from_user: bool  # the directory was set before the engine's (the user's, or an earlier compile's)
+    triton_from_user: bool
+
+
+def configure_compile_cache(cache_root: Path) -> CompileCacheDirs:
+    """Point Inductor's and Triton's caches at ``cache_root/compile`` unless their variables are already set."""
+    compile_root = Path(cache_root) / "compile"
+    dirs = {}
+    for env, default in ((INDUCTOR_CACHE_ENV, compile_root / "inductor"), (TRITON_CACHE_ENV, compile_root / "triton")):
+        preset = os.environ.get(env)
+        if preset is None:
+            os.environ[env] = str(default)
+        dirs[env] = (Path(os.environ[env]), preset is not None)
+    result = CompileCacheDirs(
+        inductor=dirs[INDUCTOR_CACHE_ENV][0],
+        triton=dirs[TRITON_CACHE_ENV][0],
+        inductor_from_user=dirs[INDUCTOR_CACHE_ENV][1],
+        triton_from_user=dirs[TRITON_CACHE_ENV][1],
+    )
+    logger.debug("compile cache: inductor %s, triton %s", result.inductor, result.triton)
+    return result
