@@ -20,6 +20,7 @@ batch size within 2x the steady one; zero compilations after ready everywhere.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import statistics
 import sys
@@ -29,6 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 from tfbackend import LLM  # noqa: E402
 from tfbackend.bench.cold import compile_cache_env, run_cold_and_warm  # noqa: E402
@@ -80,31 +82,32 @@ def main() -> int:
     args = parser.parse_args()
     model_dir = random_checkpoint("llama-3.2-1b")
     workload = ThroughputWorkload(args.num_requests, 64, 512, args.output_len, seed=0)
-    report = []
     for impl in args.impls.split(","):
         cache = Path(tempfile.mkdtemp(prefix=f"tfbackend-startup-{impl}-"))
         runs = run_cold_and_warm(EngineConfig(model=str(model_dir), model_impl=impl), workload, VOCAB, cache)
         os.environ.update(compile_cache_env(cache))  # this process's engine starts on the warm caches
         startup, rows = in_process_checks(model_dir, impl)
-        report.append((impl, runs, startup, rows))
-
-    print("\n=================== startup check (llama-3.2-1b, random weights)")
-    for impl, runs, startup, rows in report:
-        print(f"\n{impl}:")
-        print(f"  {'cache':6} {'ready s':>8} {'engine s':>9} {'compile':>8} {'warm up':>8} {'graphs':>7} "
-              f"{'1st req ms':>10} {'T1 tok/s':>9} {'compiled after ready':>21}")
-        for run in runs:
-            p = run.startup_phases
-            print(f"  {run.compile_cache:6} {run.startup_s:8.1f} {p['total']:9.1f} {p['compile']:8.1f} "
-                  f"{p['warm up']:8.1f} {p['capture graphs']:7.1f} {run.first_request_s * 1e3:10.0f} "
-                  f"{run.throughput.output_tok_s:9,.0f} {run.compilations_after_ready:21d}")
-        cold, warm = runs
-        ratio = cold.throughput.output_tok_s / warm.throughput.output_tok_s
-        print(f"  cold T1 / warm T1 = {ratio:.1%} (>= 90%); startup cold {cold.startup_s:.1f} s (<= 30), "
-              f"warm {warm.startup_s:.1f} s (<= 15); in-process engine on warm caches {startup:.1f} s")
-        for what, measured, compiled in rows:
-            print(f"  {what:40} {measured:32} compiled after ready so far: {compiled}")
+        gc.collect()  # the next implementation's fresh processes need this one's GPU memory back
+        torch.cuda.empty_cache()
+        print_report(impl, runs, startup, rows)  # at once: a later failure loses nothing measured
     return 0
+
+
+def print_report(impl: str, runs, startup: float, rows) -> None:
+    print(f"\n=================== startup check (llama-3.2-1b, random weights): {impl}")
+    print(f"  {'cache':6} {'ready s':>8} {'engine s':>9} {'compile':>8} {'warm up':>8} {'graphs':>7} "
+          f"{'1st req ms':>10} {'T1 tok/s':>9} {'compiled after ready':>21}")
+    for run in runs:
+        p = run.startup_phases
+        print(f"  {run.compile_cache:6} {run.startup_s:8.1f} {p['total']:9.1f} {p['compile']:8.1f} "
+              f"{p['warm up']:8.1f} {p['capture graphs']:7.1f} {run.first_request_s * 1e3:10.0f} "
+              f"{run.throughput.output_tok_s:9,.0f} {run.compilations_after_ready:21d}")
+    cold, warm = runs
+    ratio = cold.throughput.output_tok_s / warm.throughput.output_tok_s
+    print(f"  cold T1 / warm T1 = {ratio:.1%} (>= 90%); startup cold {cold.startup_s:.1f} s (<= 30), "
+          f"warm {warm.startup_s:.1f} s (<= 15); in-process engine on warm caches {startup:.1f} s")
+    for what, measured, compiled in rows:
+        print(f"  {what:40} {measured:32} compiled after ready so far: {compiled}")
 
 
 if __name__ == "__main__":
