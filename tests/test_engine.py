@@ -296,3 +296,18 @@ def test_text_and_stop_strings_through_the_engine(text_checkpoint) -> None:
         assert out.token_ids == ids[: boundary + 3]  # finished the step the stop string's last char arrived
         assert out.text == (text[: start + len(stop)] if include else text[:start])
     assert engine.stats().num_kv_blocks_used == 0
+
+
+def test_a_config_without_a_position_limit_takes_max_model_len_from_the_user():
+    """XLNet-style configs say max_position_embeddings=-1 (relative positions): no limit, so one must be given."""
+    from transformers import PretrainedConfig
+
+    from tfbackend.engine.model_files import max_model_len
+
+    config = PretrainedConfig(max_position_embeddings=-1)
+    assert max_model_len(config, 4096) == 4096
+    with pytest.raises(ValueError, match="pass max_model_len"):
+        max_model_len(config, None)
+    assert max_model_len(PretrainedConfig(max_position_embeddings=512), None) == 512
+    with pytest.raises(ValueError, match="exceeds"):
+        max_model_len(PretrainedConfig(max_position_embeddings=512), 1024)

@@ -39,6 +39,8 @@ def eos_token_ids(model_dir, hf_config, tokenizer) -> set[int]:
 def max_model_len(hf_config, requested: int | None) -> int:
     """The context length: ``requested``, checked against the model's ``max_position_embeddings``."""
     model_max = getattr(hf_config.get_text_config(), "max_position_embeddings", None)
+    if model_max is not None and model_max <= 0:  # XLNet's -1: relative positions, no limit of its own
+        model_max = None
     if requested is None:
         if model_max is None:
             raise ValueError("the model config has no max_position_embeddings: pass max_model_len")
