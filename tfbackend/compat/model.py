@@ -36,7 +36,7 @@ from tfbackend.attention import get_forward_context
 from tfbackend.compat.state import StateLayout, tensor_bytes
 from tfbackend.hf_classes import causal_lm_class, padding_unsafe_layer_types
 from tfbackend.kernels.hf_experts import use_fused_experts
-from tfbackend.model_interface import AttentionLayerSpec, CausalLM, SequenceStateSpec
+from tfbackend.model_interface import AttentionLayerSpec, CausalLM, SequenceStateSpec, UnsupportedModelError
 from tfbackend.quantization.config import quantization_method
 from tfbackend.quantization.hf_loading import load_quantized_hf_model
 
@@ -112,18 +112,30 @@ class CompatCausalLM(CausalLM):
         hf_model.eval().requires_grad_(False)
         use_fused_experts(hf_model)  # MoE experts through our fused kernel where it reproduces them; else HF's
         model = cls(hf_model)
+        try:
+            model._probe(hf_config)
+        except UnsupportedModelError:
+            raise
+        except Exception as error:  # the model's own code fails on a probe: refuse now, not on a user's request
+            raise UnsupportedModelError(
+                f"{hf_class.__name__} fails when driven as generate drives it ({type(error).__name__}: {error})"
+            ) from error
+        return model
+
+    def _probe(self, hf_config) -> None:
+        """Learn the state layout and whether rows may share a padded batch (load-time forwards)."""
+        name = type(self.hf_model).__name__
         with torch.inference_mode():
-            model._learn_layout()
-            if model.layout is not None and not model.accepts_attention_mask and any(model.layout.growing_dims.values()):
+            self._learn_layout()
+            if self.layout is not None and not self.accepts_attention_mask and any(self.layout.growing_dims.values()):
                 logger.warning("%s keeps per-token state but takes no attention mask: each sequence runs alone",
-                               hf_class.__name__)
-                model.layout = None
+                               name)
+                self.layout = None
             unsafe = padding_unsafe_layer_types(hf_config)
             if unsafe:
                 logger.warning("%s: each sequence runs alone (HF does not mask padding in its %s layers)",
-                               hf_class.__name__, ", ".join(unsafe))
-            model.batched = model.layout is not None and not unsafe and model._check_batching()
-        return model
+                               name, ", ".join(unsafe))
+            self.batched = self.layout is not None and not unsafe and self._check_batching()
 
     def attention_layers(self) -> list[AttentionLayerSpec]:
         return []  # the HF model keeps its own caches
