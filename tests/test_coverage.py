@@ -25,6 +25,7 @@ HARD_CASES = (
     "phimoe",  # a sliding window expressed only through HF's mask
     "diffllama",  # two attention calls per layer with the same keys and other values
     "doge",  # its own attention bias passed as the mask
+    "moshi",  # a sliding window only in its HF cache, not in its mask: decode sees fewer keys than prefill
     "modernbert-decoder",  # get_decoder() returns the LM head
     "bert",  # encoder family as a decoder, LM head with a transform
     "electra",  # head that projects before the output embedding

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from transformers import DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from tfbackend.attention import ForwardContext, forward_context, metadata_for_chunks
@@ -208,6 +209,29 @@ class TransformersForCausalLM(CausalLM):
             sites.setdefault(call.module, []).append(site)
         for module, module_sites in sites.items():
             setattr(module, CALL_SITES_ATTRIBUTE, tuple(module_sites))
+        self._check_cache_windows(sites)
+
+    def _check_cache_windows(self, sites: dict[nn.Module, list[CallSite]]) -> None:
+        """Refuse a model whose own HF cache keeps only a window of keys that its attention mask does not
+        apply (Moshi): ``generate`` then decodes over fewer keys than it prefills over, which a paged cache
+        holding what the mask allows cannot reproduce; the compat tier, running HF's cache, does."""
+        if not self.hf_model._supports_default_dynamic_cache():
+            return
+        try:
+            cache_layers = DynamicCache(config=self.config.get_text_config(decoder=True)).layers
+        except Exception:  # a config HF's own cache cannot read: nothing to compare against
+            return
+        for module, module_sites in sites.items():
+            layer_idx = getattr(module, "layer_idx", None)
+            if not isinstance(layer_idx, int) or not 0 <= layer_idx < len(cache_layers):
+                continue
+            cache_layer = cache_layers[layer_idx]
+            if getattr(cache_layer, "is_sliding", False) and any(site.sliding_window is None for site in module_sites):
+                raise UnsupportedModelError(
+                    f"{type(self.hf_model).__name__}'s cache keeps only the last {cache_layer.sliding_window} keys "
+                    f"of layer {layer_idx}, a window its attention mask does not apply: HF decodes over fewer keys "
+                    "than it prefills over"
+                )
 
     def _describe_call(
         self, index: int, call: RecordedCall, earlier: list[RecordedCall]
