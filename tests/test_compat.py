@@ -132,3 +132,18 @@ def test_models_whose_caches_hf_does_not_mask_run_each_sequence_alone(tmp_path: 
     prompts = prompt_token_ids([4, 9, 6], seed=5)
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], SamplingParams(temperature=0, max_tokens=10))
     assert [o.outputs[0].token_ids for o in outputs] == hf_greedy(reference, prompts, 10)
+
+
+def test_a_model_keeping_state_on_its_modules_runs_one_sequence_at_a_time(checkpoints):
+    """RecurrentGemma's blocks keep their recurrent and conv states as module attributes, outside any cache
+    object: sequences in separate forwards would overwrite each other's, so only one may run at a time."""
+    directory = checkpoints("recurrent_gemma")
+    llm = LLM(str(directory), dtype="float32", device="cpu", max_model_len=64, max_num_seqs=8)
+    if llm.model_impl != "compat":
+        pytest.skip(f"recurrent_gemma runs on the {llm.model_impl} tier with this transformers")
+    assert llm.engine.model.sequence_state().max_sequences == 1
+    assert llm.engine.scheduler.max_num_seqs == 1
+    prompts = prompt_token_ids([5, 17, 30], seed=0)
+    outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12))
+    reference = load_reference(directory)
+    assert [o.outputs[0].token_ids for o in outputs] == hf_greedy(reference, prompts, 12)

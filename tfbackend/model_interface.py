@@ -56,6 +56,9 @@ class SequenceStateSpec:
 
     fixed_bytes: int
     bytes_per_token: int
+    # Sequences the model can hold at once; None: as many as memory allows. 1 for a model that keeps its state
+    # on its modules rather than in a cache object (each forward overwrites the last one's).
+    max_sequences: int | None = None
 
     def sequence_bytes(self, num_tokens: int) -> int:
         return self.fixed_bytes + self.bytes_per_token * num_tokens

@@ -22,6 +22,7 @@ the row of this step's logits that belongs to it (``-1`` for tokens that do not 
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 from collections import defaultdict
@@ -127,6 +128,12 @@ class CompatCausalLM(CausalLM):
         name = type(self.hf_model).__name__
         with torch.inference_mode():
             self._learn_layout()
+            held = self._module_held_state()
+            if held:
+                logger.warning("%s keeps state on its modules (%s), outside its cache: one sequence runs at a time",
+                               name, ", ".join(held[:3]))
+                self.layout = None
+                self.state_spec = dataclasses.replace(self.state_spec, max_sequences=1)
             if self.layout is not None and not self.accepts_attention_mask and any(self.layout.growing_dims.values()):
                 logger.warning("%s keeps per-token state but takes no attention mask: each sequence runs alone",
                                name)
@@ -304,6 +311,19 @@ class CompatCausalLM(CausalLM):
             "sequence in a forward of its own", type(self.hf_model).__name__, error,
         )
         return False
+
+    def _module_held_state(self) -> list[str]:
+        """Tensors that a forward leaves on the modules themselves (RecurrentGemma's recurrent and conv states):
+        two sequences in separate forwards would overwrite each other's. Found by prefilling a probe after a
+        longer one (so lazily built constants, e.g. rotary tables, already exist) and seeing what changed."""
+        def module_tensors() -> dict[str, torch.Tensor]:
+            return {f"{module_name}.{attr}": value for module_name, module in self.hf_model.named_modules()
+                    for attr, value in vars(module).items() if isinstance(value, torch.Tensor)}
+
+        before = {key: value.clone() for key, value in module_tensors().items()}
+        self._prefill([0], _probe_prompt(self.config, LAYOUT_PROBE_LENGTHS[0], self.hf_model.device))
+        return [key for key, value in module_tensors().items()
+                if key not in before or value.shape != before[key].shape or not torch.equal(value, before[key])]
 
     def _learn_layout(self) -> None:
         """Prefill two prompts of different lengths and compare their states (``StateLayout.learn``), which also

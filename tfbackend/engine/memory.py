@@ -90,7 +90,7 @@ def plan_cache(
         return CachePlan(num_blocks_for_budget(spec, budget, max_model_len), config.max_num_seqs)
     per_sequence = state.sequence_bytes(max_model_len)
     budget = budget_for(config.max_num_seqs * per_sequence)
-    max_num_seqs = min(config.max_num_seqs, budget // max(per_sequence, 1))
+    max_num_seqs = min(config.max_num_seqs, budget // max(per_sequence, 1), state.max_sequences or config.max_num_seqs)
     if max_num_seqs < 1:
         raise ValueError(
             f"one sequence of max_model_len={max_model_len} needs {per_sequence / 2**20:.1f} MiB of model state, "
