@@ -38,8 +38,8 @@ PRELOAD = ["tfbackend.engine.worker", "tfbackend.adapter", "tfbackend.native.lla
 START_METHOD_ENV = "TFBACKEND_RANK_START_METHOD"
 
 
-def process_context() -> multiprocessing.context.BaseContext:
-    method = os.environ.get(START_METHOD_ENV, "forkserver")
+def process_context(default_method: str = "forkserver") -> multiprocessing.context.BaseContext:
+    method = os.environ.get(START_METHOD_ENV, default_method)
     if method not in ("forkserver", "spawn"):
         raise ValueError(f"{START_METHOD_ENV} must be forkserver or spawn, got {method!r}")
     context = multiprocessing.get_context(method)
@@ -75,8 +75,8 @@ class LocalRanks:
     """
 
     def __init__(self, target: Callable, args: tuple, ranks: Iterable[int],
-                 on_death: Callable[[int, int], None] | None = None):
-        context = process_context()
+                 on_death: Callable[[int, int], None] | None = None, start_method: str = "forkserver"):
+        context = process_context(start_method)
         self.processes = {
             rank: context.Process(target=target, args=(*args, rank), name=f"tfbackend-rank-{rank}", daemon=True)
             for rank in ranks

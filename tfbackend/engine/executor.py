@@ -129,7 +129,9 @@ def run_headless_node(config: EngineConfig) -> int:
         raise ValueError("--headless runs the workers of another node than node 0 (pass --node-rank)")
     rendezvous = rendezvous_of(config)
     rendezvous.check_devices()
-    ranks = LocalRanks(run_worker, (rendezvous,), rendezvous.node_ranks(config.node_rank))
+    # Spawned, not forked from a fork server: this launcher only waits for its ranks and reports how they
+    # ended, and a fork server that goes first loses their exit status (multiprocessing then says 255).
+    ranks = LocalRanks(run_worker, (rendezvous,), rendezvous.node_ranks(config.node_rank), start_method="spawn")
     logger.info("node %d: starting ranks %s for the driver at %s:%d", config.node_rank,
                 list(ranks.processes), rendezvous.master_addr, rendezvous.master_port)
     ranks.start()
