@@ -265,11 +265,16 @@ def _peer_run(name: str, not_run: dict[str, str], fn, *args):
     try:
         return fn(*args)
     except Exception as exc:  # whatever transformers raises on a model it does not support
-        reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
-        print(f"{name} does not run this model: {reason}")
-        not_run[name] = reason
-        _free_gpu_memory()
+        _record_not_run(name, f"{type(exc).__name__}: {exc}", not_run)
         return None
+
+
+def _record_not_run(name: str, reason: str, not_run: dict[str, str]) -> None:
+    """Say (and keep, for the table and the JSON) why ``name`` could not run the model; free what it held."""
+    reason = reason.splitlines()[0][:200]
+    print(f"{name} does not run this model: {reason}")
+    not_run[name] = reason
+    _free_gpu_memory()
 
 
 def _run_all(args, base: EngineConfig, model_dir: Path, dtype, on_engine, on_hf_model,
@@ -285,10 +290,7 @@ def _run_all(args, base: EngineConfig, model_dir: Path, dtype, on_engine, on_hf_
         except ValueError as exc:
             if len(impls) == 1:
                 raise
-            reason = str(exc).splitlines()[0][:200]
-            print(f"tfbackend[{impl}] does not run this model: {reason}")
-            not_run[f"tfbackend[{impl}]"] = reason
-            _free_gpu_memory()
+            _record_not_run(f"tfbackend[{impl}]", str(exc), not_run)
     if args.peers:
         model = hf_peers.load_hf_model(model_dir, dtype, base.torch_device())
         rows += on_hf_model(model)
