@@ -12,6 +12,7 @@ import datetime
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +30,8 @@ COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)
 # Workers wait for the next step on the host group for as long as the server stays idle; a rank that dies
 # closes its connections, which wakes them at once.
 IDLE_TIMEOUT = datetime.timedelta(days=365)
+# Leaving the groups at shutdown: normally well under a second (see close_process_groups).
+CLOSE_TIMEOUT = 30.0
 
 logger = logging.getLogger(__name__)
 
@@ -135,13 +138,27 @@ def init_rank(rendezvous: Rendezvous, rank: int, store: dist.Store) -> ParallelC
     )
 
 
-def close_process_groups() -> None:
-    """Leave every process group (also after a failure, when the groups may be aborted already)."""
-    if dist.is_initialized():
+def close_process_groups(timeout: float = CLOSE_TIMEOUT) -> None:
+    """Leave every process group (also after a failure, when the groups may be aborted already).
+
+    Leaving NCCL groups is collective: it waits for the other ranks to leave too, and for every CUDA graph that
+    captured a collective to be freed. A rank that died or a graph still alive would make it wait forever, so
+    it waits ``timeout`` seconds at most, then gives up with a warning (the process can still exit)."""
+    if not dist.is_initialized():
+        return
+
+    def destroy() -> None:
         try:
             dist.destroy_process_group()
         except Exception:  # an aborted NCCL communicator; nothing is left to release
             logger.warning("could not destroy the process groups cleanly", exc_info=True)
+
+    leaving = threading.Thread(target=destroy, name="tfbackend-leave-groups", daemon=True)
+    leaving.start()
+    leaving.join(timeout)
+    if leaving.is_alive():
+        logger.warning("leaving the process groups did not finish within %.0f s (a rank gone, or a CUDA graph "
+                       "with a collective still alive); going on without", timeout)
 
 
 def free_port() -> int:

@@ -139,6 +139,15 @@ class CUDAGraphRunner:
             (torch.cuda.memory_reserved() - reserved) / 2**20,
         )
 
+    def release(self) -> None:
+        """Free the graphs. A graph that captured a collective holds a reference on its NCCL communicator, and
+        tearing the communicator down waits until that reference is gone: release before leaving the groups."""
+        torch.cuda.synchronize()
+        for graph in self.graphs.values():
+            graph.reset()
+        self.graphs.clear()
+        self.outputs.clear()
+
     def can_run(self, step: StepInputs) -> bool:
         return step.max_query_len == 1 and step.num_seqs <= self.batch_sizes[-1]
 

@@ -16,6 +16,7 @@ import dataclasses
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch.distributed as dist
@@ -61,6 +62,7 @@ class Executor:
         self.rendezvous = rendezvous_of(config)
         self.rendezvous.check_devices()
         self.failure: str | None = None
+        self.release_graphs: Callable[[], None] | None = None  # the driver's CUDA graphs, freed at shutdown
         self.store = connect_store(self.rendezvous, is_master=True)
         self.store.set(CONFIG_KEY, json.dumps(dataclasses.asdict(dataclasses.replace(config, model=str(model_dir)))))
         self.ranks = LocalRanks(run_worker, (self.rendezvous,), self.rendezvous.node_ranks(0)[1:], self._on_death)
@@ -98,18 +100,26 @@ class Executor:
         return self.failure
 
     def shutdown(self) -> None:
-        """Stop every rank (asking them to, then by force) and leave the process groups. Idempotent."""
+        """Stop every rank (asking them to, then by force) and leave the process groups. Idempotent.
+
+        On GPUs, leaving the groups finalizes the NCCL communicators, which waits for the other ranks to do the
+        same and for every CUDA graph that captured one of their collectives to be freed. So the driver frees
+        its graphs (``release_graphs``, set by the engine), tells the ranks to stop (they free theirs) and
+        leaves the groups while they do, and only then waits for their processes to end."""
         if self._closed:
             return
         self._closed = True
         self.ranks.expect_exit()
-        if self.failure is None and dist.is_initialized() and hasattr(self, "steps"):
+        stopping = self.failure is None and dist.is_initialized() and hasattr(self, "steps")
+        if stopping and self.release_graphs is not None:
+            self.release_graphs()
+        if stopping:
             try:
                 self.steps.send_stop()
             except Exception:  # a rank died meanwhile; the others stop when their connections close
                 logger.warning("could not tell every rank to stop", exc_info=True)
-        self.ranks.stop()
         close_process_groups()
+        self.ranks.stop()
 
 
 def check_layout(config: EngineConfig, hf_config) -> None:

@@ -89,6 +89,8 @@ class LLMEngine:
                 raise
             raise EngineDeadError(f"the engine lost a rank while starting: {failure}") from error
         worker = self.worker
+        if self.executor is not None:
+            self.executor.release_graphs = worker.runner.release_cuda_graphs
         self.dtype, self.model, self.runner = worker.dtype, worker.model, worker.runner
         self.model_impl, self.model_impl_reason = worker.model_impl, worker.model_impl_reason
         logger.info("model implementation: %s (%s)", self.model_impl, self.model_impl_reason)

@@ -80,14 +80,20 @@ def plan_cache(
 ) -> CachePlan:
     """Blocks and concurrent sequences for a memory budget (``budget_for(bytes a full batch would need)``).
 
-    A model with a paged cache gets as many blocks as the budget holds. A model that keeps its sequences'
-    state itself (``state``) gets as many sequences as fit if every one reached ``max_model_len`` (its rows are
-    padded to the longest), and blocks only to count their tokens.
+    A model with a paged cache gets as many blocks as the budget holds, up to what ``max_num_seqs`` sequences
+    of ``max_model_len`` tokens can use (a small model on a large GPU would otherwise get tens of millions of
+    blocks that the scheduler can never fill, and the block manager would spend minutes listing them). A
+    model that keeps its sequences' state itself (``state``) gets as many sequences as fit if every one
+    reached ``max_model_len`` (its rows are padded to the longest), and blocks only to count their tokens.
     """
     blocks_per_seq = -(-max_model_len // spec.block_size)
     if state is None:
-        budget = budget_for(config.max_num_seqs * blocks_per_seq * spec.bytes_per_block)
-        return CachePlan(num_blocks_for_budget(spec, budget, max_model_len), config.max_num_seqs)
+        full_batch_blocks = config.max_num_seqs * blocks_per_seq
+        num_blocks = num_blocks_for_budget(spec, budget_for(full_batch_blocks * spec.bytes_per_block), max_model_len)
+        if num_blocks > full_batch_blocks:
+            logger.info("KV cache capped at %d blocks: all that %d sequences of %d tokens can use (the budget "
+                        "held %d)", full_batch_blocks, config.max_num_seqs, max_model_len, num_blocks)
+        return CachePlan(min(num_blocks, full_batch_blocks), config.max_num_seqs)
     per_sequence = state.sequence_bytes(max_model_len)
     budget = budget_for(config.max_num_seqs * per_sequence)
     max_num_seqs = min(config.max_num_seqs, budget // max(per_sequence, 1), state.max_sequences or config.max_num_seqs)

@@ -177,6 +177,12 @@ class ModelRunner:
             graphs.capture()
         self.cuda_graphs = graphs
 
+    def release_cuda_graphs(self) -> None:
+        """Back to eager steps, the graphs freed (before a multi-rank engine leaves its process groups)."""
+        if self.cuda_graphs is not None:
+            self.cuda_graphs.release()
+            self.cuda_graphs = None
+
     def prepare(self, step: StepInputs) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """The step's device inputs and attention metadata, for an eager forward."""
         metadata = AttentionMetadata(

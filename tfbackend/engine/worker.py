@@ -215,6 +215,7 @@ def run_worker(rendezvous: Rendezvous, rank: int) -> None:
         steps = StepBroadcast(parallel, worker.device)
         while (message := steps.receive()) is not None:
             worker.runner.run_model(*message)
+        worker.runner.release_cuda_graphs()  # the driver leaves the groups now too; see close_process_groups
     except BaseException as error:
         report_failure(store, rank, error)
         raise SystemExit(1) from error
