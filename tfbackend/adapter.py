@@ -38,6 +38,7 @@ from tfbackend.attention_bridge import (
     probe_attention_calls,
 )
 from tfbackend.distributed.hf_parallel import HFParallelLayout, HFPipelineStage
+from tfbackend.fallback_fusion import FusedLinears, fuse_projections, fusion_enabled
 from tfbackend.hf_classes import causal_lm_class, stateful_layer_types
 from tfbackend.kernels.hf_experts import use_fused_experts
 from tfbackend.kv_cache import KVCache, KVCacheSpec
@@ -78,6 +79,7 @@ class TransformersForCausalLM(CausalLM):
         self.plain_head = False
         self.layers: list[AttentionLayerSpec] = []
         self.stage: HFPipelineStage | None = None  # this rank's layers, under pipeline parallelism
+        self.fused_projections: list[FusedLinears] = []  # projection groups run as one GEMM each
 
     @classmethod
     def supports(cls, hf_config) -> str | None:
@@ -141,6 +143,8 @@ class TransformersForCausalLM(CausalLM):
         model.stage = stage
         with torch.inference_mode():
             model._map_attention_calls()
+            if fusion_enabled():
+                model.fused_projections = fuse_projections(hf_model, model._probe_hidden_states)
             model._check_steps_compose()
             model._choose_logits_path()
         return model
@@ -187,6 +191,11 @@ class TransformersForCausalLM(CausalLM):
         # Token ids from the lower half of the vocabulary: special (e.g. image) tokens tend to sit at the top.
         ids = torch.randint(1, max(2, vocab // 2), (PROBE_LENGTH,), generator=generator)
         return ids.to(self.hf_model.device)
+
+    def _probe_hidden_states(self) -> torch.Tensor:
+        """The base model's output for the probe prompt, with the probe's dense attention."""
+        with _attention_implementation(self.hf_model, PROBE_IMPLEMENTATION), probe_attention_calls():
+            return self.base_model(input_ids=self._probe_input()[None], use_cache=False)[0]
 
     def _map_attention_calls(self) -> None:
         """Run the probe pass and give every attention module its call sites (KV cache index and window)."""
