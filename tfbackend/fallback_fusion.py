@@ -209,20 +209,18 @@ def _fuse(group: _Group) -> tuple[FusedLinears, Callable[[], None]]:
     """Concatenate the group's weights into one ``FusedLinears`` and put slices in the members' places; and
     how to undo it (the members get their weights back as views of the fused ones, no copy)."""
     members, parent = group.members, group.parent
-    with torch.inference_mode(False), torch.no_grad():  # ordinary parameters, also if loaded in inference mode
+    name = "fused_" + "_".join(group.leaves)
+    with torch.inference_mode(False), torch.no_grad():  # ordinary parameters, also when run in inference mode
         weight = torch.cat([member.weight for member in members])
         bias = None if members[0].bias is None else torch.cat([member.bias for member in members])
-    sizes = [member.weight.shape[0] for member in members]
-    fused = FusedLinears(tuple(group.leaves), weight, bias, sizes)
-    name = "fused_" + "_".join(group.leaves)
-    parent.add_module(name, fused)
-    for index, (leaf, member) in enumerate(zip(group.leaves, members)):
-        setattr(parent, leaf, LinearSlice(fused, index))
-        # The member keeps its module (for undo) but its weights become views of the fused ones, so the
-        # separate copies are freed.
-        member.weight = nn.Parameter(fused.weight.data[fused.rows(index)], requires_grad=False)
-        if bias is not None:
-            member.bias = nn.Parameter(fused.bias.data[fused.rows(index)], requires_grad=False)
+        fused = FusedLinears(tuple(group.leaves), weight, bias, [member.weight.shape[0] for member in members])
+        parent.add_module(name, fused)
+        for index, (leaf, member) in enumerate(zip(group.leaves, members)):
+            setattr(parent, leaf, LinearSlice(fused, index))
+            # The member is kept (for undo) with its weights as views of the fused ones: its copies are freed.
+            member.weight = nn.Parameter(fused.weight.data[fused.rows(index)], requires_grad=False)
+            if bias is not None:
+                member.bias = nn.Parameter(fused.bias.data[fused.rows(index)], requires_grad=False)
 
     def undo() -> None:
         for leaf, member in zip(group.leaves, members):
