@@ -41,10 +41,11 @@ from tfbackend.distributed.layers import ColumnParallelLinear
 logger = logging.getLogger(__name__)
 
 FUSION_ENV = "TFBACKEND_FALLBACK_FUSION"  # "0" keeps the model's projections as HF wrote them (to compare)
-# Largest per-token relative difference of the probe's hidden states allowed after fusion: the fused GEMM
+# Largest per-token relative difference of the probe's hidden states allowed after fusion. The fused GEMM
 # computes the same dot products, but a GEMM library may pick another kernel (accumulation order) for the
-# wider output. Half precision: the median token, as in the adapter's step check.
-_TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 2e-2}
+# wider output; a fusion the forward mishandles changes every token by O(1). Half precision: the median token,
+# with the margin of the adapter's step check (rounding grows with depth).
+_TOLERANCE = {torch.float32: 1e-4, torch.float16: 0.15, torch.bfloat16: 0.15}
 
 
 def fusion_enabled() -> bool:
@@ -133,7 +134,7 @@ def fuse_projections(model: nn.Module, run_probe: Callable[[], torch.Tensor]) ->
     fused = [fused_module for fused_module, _ in undo]
     try:
         error = _relative_error(run_probe(), reference)
-        reason = None if error <= _TOLERANCE.get(reference.dtype, 2e-2) else f"hidden states differ by {error:.2e}"
+        reason = None if error <= _TOLERANCE.get(reference.dtype, 0.15) else f"hidden states differ by {error:.2e}"
     except Exception as exception:  # e.g. a forward that reshapes a projection's output in a way a view cannot
         reason = f"{type(exception).__name__}: {exception}"
     if reason is not None:
