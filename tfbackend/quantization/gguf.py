@@ -121,7 +121,7 @@ def _nibbles(qs: torch.Tensor, half: int) -> torch.Tensor:
 
 def dequantize_blocks(blocks: torch.Tensor, qtype: GGMLQuantizationType) -> torch.Tensor:
     """Any GGUF type's rows -> float32 ``[N, K]``: the kernel types through ``PlanarGGUF`` (the same values,
-    in half the time: it matters for a large embedding at load), the others by the ``gguf`` package."""
+    with ~40% less CPU: it matters for a large embedding at load), the others by the ``gguf`` package."""
     if qtype in KERNEL_TYPES:
         return PlanarGGUF.from_blocks(blocks, qtype).dequantize()
     return torch.from_numpy(np.ascontiguousarray(gguf_dequantize(blocks.numpy(), qtype), dtype=np.float32))
