@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -146,6 +148,21 @@ def test_enforce_eager_compiles_nothing(checkpoint, compile_on_cpu, caplog):
     assert dynamo_graphs() == before
     assert engine.compile_monitor.during_startup().total == 0
     assert caplog.text.count("skipped: enforce_eager") == 3  # compile, warm up, capture graphs
+
+
+def test_serving_on_a_cpu_never_imports_triton(checkpoint):
+    """Triton compiles only for a GPU, and importing it costs a quarter second of every CPU start."""
+    script = (
+        "import sys\n"
+        "import tfbackend.entrypoints.serve, tfbackend.server.app\n"
+        "from tests.test_startup import make_engine\n"
+        f"make_engine({str(checkpoint)!r})\n"
+        "print(sorted(name for name in sys.modules if name.split('.')[0] == 'triton'))\n"
+    )
+    environment = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=environment,
+                            timeout=300, check=True)
+    assert result.stdout.strip().splitlines()[-1] == "[]"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

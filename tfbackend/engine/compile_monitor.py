@@ -15,6 +15,8 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, fields
 
+import torch
+
 
 _triton_compilations = 0
 _triton_hook_installed = False
@@ -44,9 +46,10 @@ def install_triton_hook() -> None:
     """Count Triton JIT compilations through Triton's pre-compile hook (chained after any hook already set).
 
     The hook runs only on a miss of a kernel's in-memory cache, i.e. for a specialization this process has not
-    launched yet. Under the CPU interpreter nothing compiles and the hook never runs."""
+    launched yet. Without a GPU nothing compiles (the CPU interpreter runs kernels as Python), so Triton, a
+    quarter second of startup, is not even imported."""
     global _triton_hook_installed
-    if _triton_hook_installed:
+    if _triton_hook_installed or not torch.cuda.is_available():
         return
     try:
         from triton import knobs
