@@ -15,7 +15,17 @@ included) as the step itself, so no forward is larger than the step the engine p
 where the load-time batching check showed it changes nothing; a model whose padded prefill differs from its
 unpadded one prefills in groups of equal length (no padding), and one whose batched decode differs runs every
 sequence alone. Prompts are never split over steps and blocks are never shared, so the engine turns chunked
-prefill and prefix caching off for this tier; CUDA graphs are off too.
+prefill and prefix caching off for this tier. Attention caches grow in place (``growing_cache``), and a decode
+step of the same rows as the step before uploads nothing new to the device.
+
+CUDA graphs (and torch.compile) are off: a graph replays fixed shapes and addresses, and this tier's state
+changes shape every step (caches and the attention mask grow by a column, rows join and leave). Capturing the
+decode step would take, per cache class: keys and values preallocated to [rows, heads, max_model_len, dim] and
+written at the shared timeline column (left-padded alignment holds; conv and SSM states are fixed-size already),
+rows as slots in batch-size buckets (a prefilled row is copied into a free slot right-aligned at the timeline; a
+row that leaves is masked), the attention mask updated in place, and trimming replaced by shifting the timeline
+when it reaches max_model_len. HF's own static caches cover attention layers only, not every model's cache
+classes, so this is not generic; until then the step runs eagerly (launch-bound on a GPU).
 
 The engine's contract asks for hidden states and computes logits from the rows that sample. This tier gets
 logits from HF's own forward (its head, scaling and softcapping included), so ``forward`` returns, for each token,
