@@ -5,14 +5,27 @@ convolution state, custom caches), the HF model runs with its own attention and 
 the way HF ``generate`` drives it: the model's ``prepare_inputs_for_generation`` builds each call's inputs and its
 ``_update_model_kwargs_for_generation`` carries the state to the next step. What ``generate`` cannot do, this
 tier adds: the running batch changes every step. Sequences that finished leave (their rows are dropped from
-every state tensor), new ones prefill on their own and then join (their state is appended, left-padded to the
-batch's timeline, with the attention mask hiding the padding), and padding no row needs any more is trimmed
+every state tensor), new ones prefill and then join (their state is appended, left-padded to the batch's
+timeline, with the attention mask hiding the padding), and padding no row needs any more is trimmed
 (``state.StateLayout``).
 
-Each engine step therefore runs one decode forward for all running sequences and one prefill forward per group
-of new prompts of equal length (equal lengths need no padding, so a prompt's first token is computed exactly as
-``generate`` computes it). Prompts are never split over steps and blocks are never shared, so the engine turns
-chunked prefill and prefix caching off for this tier; CUDA graphs are off too.
+Each engine step therefore runs one decode forward for all running sequences and a few prefill forwards for the
+prompts that arrived: left-padded groups, as ``generate`` pads a batch, each at most as many tokens (padding
+included) as the step itself, so no forward is larger than the step the engine profiled. Padding is used only
+where the load-time batching check showed it changes nothing; a model whose padded prefill differs from its
+unpadded one prefills in groups of equal length (no padding), and one whose batched decode differs runs every
+sequence alone. Prompts are never split over steps and blocks are never shared, so the engine turns chunked
+prefill and prefix caching off for this tier. Attention caches grow in place (``growing_cache``), and a decode
+step of the same rows as the step before uploads nothing new to the device.
+
+CUDA graphs (and torch.compile) are off: a graph replays fixed shapes and addresses, and this tier's state
+changes shape every step (caches and the attention mask grow by a column, rows join and leave). Capturing the
+decode step would take, per cache class: keys and values preallocated to [rows, heads, max_model_len, dim] and
+written at the shared timeline column (left-padded alignment holds; conv and SSM states are fixed-size already),
+rows as slots in batch-size buckets (a prefilled row is copied into a free slot right-aligned at the timeline; a
+row that leaves is masked), the attention mask updated in place, and trimming replaced by shifting the timeline
+when it reaches max_model_len. HF's own static caches cover attention layers only, not every model's cache
+classes, so this is not generic; until then the step runs eagerly (launch-bound on a GPU).
 
 The engine's contract asks for hidden states and computes logits from the rows that sample. This tier gets
 logits from HF's own forward (its head, scaling and softcapping included), so ``forward`` returns, for each token,
@@ -34,6 +47,7 @@ import torch
 from transformers import DynamicCache
 
 from tfbackend.attention import get_forward_context
+from tfbackend.compat.growing_cache import use_growing_layers
 from tfbackend.compat.state import StateLayout, tensor_bytes
 from tfbackend.hf_classes import causal_lm_class, padding_unsafe_layer_types
 from tfbackend.kernels.hf_experts import use_fused_experts
@@ -83,13 +97,20 @@ class CompatCausalLM(CausalLM):
         self.accepts_attention_mask = "attention_mask" in parameters
         self.accepts_position_ids = "position_ids" in parameters
         self.keeps_one_logit = hf_model._supports_logits_to_keep()
+        pad_token_id = getattr(self.config.get_text_config(), "pad_token_id", None)
+        self.pad_token_id = pad_token_id if isinstance(pad_token_id, int) else 0  # any id: padding is masked
         # Sequences decoding together, one group per batched forward: a single group, or one per sequence for a
         # model whose batched forward is not row-independent (see _check_batching).
         self.groups: list[RunningBatch] = []
         self.batched = True
+        self.padded_prefill = True  # prompts of different lengths prefill in one left-padded forward
         self.layout: StateLayout | None = None  # None: the state cannot be joined, each sequence runs alone
         self.state_spec: SequenceStateSpec | None = None
         self._step_logits: torch.Tensor | None = None
+        self._every_token_has_logits = False
+        # Index tensors of the last steps, by purpose: a step like the one before (a decode of the same rows)
+        # reuses them instead of copying new ones to the device (a copy from pageable memory waits for the GPU).
+        self._indices: dict[str, tuple[list[int], torch.Tensor]] = {}
 
     @classmethod
     def supports(cls, hf_config) -> str | None:
@@ -142,7 +163,11 @@ class CompatCausalLM(CausalLM):
             if unsafe:
                 logger.warning("%s: each sequence runs alone (HF does not mask padding in its %s layers)",
                                name, ", ".join(unsafe))
-            self.batched = self.layout is not None and not unsafe and self._check_batching()
+            self.batched = self.layout is not None and not unsafe
+            if self.batched:
+                self.batched, self.padded_prefill = self._check_batching()
+            else:
+                self.padded_prefill = False
 
     def attention_layers(self) -> list[AttentionLayerSpec]:
         return []  # the HF model keeps its own caches
@@ -175,48 +200,75 @@ class CompatCausalLM(CausalLM):
             if chunks[seq_id][2] != length + 1:
                 raise RuntimeError(f"sequence {seq_id} is out of step with its cached state")
         logits_parts, row_of_seq = [], {}
-        for group in self.groups:
+
+        def collect(seq_ids: list[int], logits: torch.Tensor) -> None:
             offset = sum(part.shape[0] for part in logits_parts)
-            token_rows = torch.tensor([chunks[s][0] for s in group.seq_ids], device=input_ids.device)
-            logits_parts.append(self._decode(group, input_ids[token_rows][:, None]))
-            row_of_seq.update({s: offset + i for i, s in enumerate(group.seq_ids)})
-        by_length: dict[int, list[int]] = defaultdict(list)
-        for seq_id, (start, end, seq_len) in chunks.items():
-            if seq_id not in decoding:
-                by_length[end - start].append(seq_id)
-        prefill_groups = list(by_length.values())
-        if not self.batched:
-            prefill_groups = [[seq_id] for group in prefill_groups for seq_id in group]
-        for new_seqs in prefill_groups:
-            offset = sum(part.shape[0] for part in logits_parts)
-            prompts = torch.stack([input_ids[chunks[s][0] : chunks[s][1]] for s in new_seqs])
-            logits, batch = self._prefill(new_seqs, prompts)
+            row_of_seq.update({seq_id: offset + i for i, seq_id in enumerate(seq_ids)})
             logits_parts.append(logits)
-            row_of_seq.update({s: offset + i for i, s in enumerate(new_seqs)})
-            self._join(batch)
-        self._step_logits = torch.cat(logits_parts) if logits_parts else None
-        handles = [-1.0] * input_ids.shape[0]
+
+        for index, group in enumerate(self.groups):
+            token_rows = self._device_index(f"tokens of group {index}", [chunks[s][0] for s in group.seq_ids],
+                                            input_ids.device)
+            collect(group.seq_ids, self._decode(group, input_ids[token_rows][:, None]))
+        prompt_lengths = {s: end - start for s, (start, end, _) in chunks.items() if s not in decoding}
+        prefilled = []
+        for new_seqs in self._prefill_groups(prompt_lengths, input_ids.shape[0]):
+            logits, batch = self._prefill(new_seqs, [input_ids[chunks[s][0] : chunks[s][1]] for s in new_seqs])
+            collect(new_seqs, logits)
+            prefilled.append(batch)
+        self._join(prefilled)
+        if len(logits_parts) == 1:  # a decode step: its logits as they are, no copy
+            self._step_logits = logits_parts[0]
+        else:
+            self._step_logits = torch.cat(logits_parts) if logits_parts else None
+        handles = [-1] * input_ids.shape[0]
         for seq_id, (_, end, _) in chunks.items():
-            handles[end - 1] = float(row_of_seq[seq_id])
-        return torch.tensor(handles, device=input_ids.device)[:, None]
+            handles[end - 1] = row_of_seq[seq_id]
+        self._every_token_has_logits = -1 not in handles
+        return self._device_index("handles", handles, input_ids.device).float()[:, None]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Rows of tokens that end no chunk (handle -1) come back as NaN: this tier computes no logits there."""
         rows = hidden[:, 0].long()
+        if self._every_token_has_logits:  # a decode step: no row to blank
+            return self._step_logits.index_select(0, rows)
         logits = self._step_logits[rows.clamp_min(0)]
         return logits.masked_fill((rows < 0)[:, None], float("nan"))
 
+    def _device_index(self, purpose: str, values: list[int], device: torch.device) -> torch.Tensor:
+        """``values`` as an int64 tensor on ``device``; the previous step's tensor for ``purpose`` if it held the
+        same values (rows change only when sequences join or leave)."""
+        cached = self._indices.get(purpose)
+        if cached is None or cached[0] != values:
+            cached = (values, torch.tensor(values, dtype=torch.int64, device=device))
+            self._indices[purpose] = cached
+        return cached[1]
+
     # ---- HF generation, one batch ---------------------------------------------------------------------------
 
-    def _fresh_kwargs(self, input_ids: torch.Tensor) -> dict[str, Any]:
-        """The model kwargs ``generate`` starts a batch of unpadded prompts with."""
+    def _prefill_groups(self, prompt_lengths: dict[int, int], token_limit: int) -> list[list[int]]:
+        """The new sequences, split into the groups that prefill in one forward each."""
+        if not self.batched:
+            return [[seq_id] for seq_id in prompt_lengths]
+        if not self.padded_prefill:
+            return equal_length_groups(prompt_lengths)
+        return padded_prefill_groups(prompt_lengths, token_limit)
+
+    def _fresh_kwargs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> dict[str, Any]:
+        """The model kwargs ``generate`` starts a batch of left-padded prompts with (positions count real tokens)."""
         kwargs: dict[str, Any] = {"use_cache": True}
+        if attention_mask is not None:
+            kwargs["attention_mask"] = attention_mask
         if self.accepts_position_ids:
-            kwargs["position_ids"] = torch.arange(input_ids.shape[1], device=input_ids.device).repeat(len(input_ids), 1)
+            if attention_mask is None:
+                positions = torch.arange(input_ids.shape[1], device=input_ids.device).repeat(len(input_ids), 1)
+            else:
+                positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+            kwargs["position_ids"] = positions
         if self.keeps_one_logit:
             kwargs["logits_to_keep"] = 1
         if self.hf_model._supports_default_dynamic_cache():
-            kwargs["cache"] = DynamicCache(config=self.config.get_text_config(decoder=True))
+            kwargs["cache"] = use_growing_layers(DynamicCache(config=self.config.get_text_config(decoder=True)))
         return kwargs
 
     def _run(self, input_ids: torch.Tensor, kwargs: dict[str, Any], padded: bool, first: bool):
@@ -235,13 +287,21 @@ class CompatCausalLM(CausalLM):
         kwargs = self.hf_model._update_model_kwargs_for_generation(outputs, kwargs, is_encoder_decoder=False)
         return outputs.logits[:, -1].float(), kwargs
 
-    def _prefill(self, seq_ids: list[int], prompts: torch.Tensor) -> tuple[torch.Tensor, RunningBatch]:
-        kwargs = self._fresh_kwargs(prompts)
-        if self.accepts_attention_mask:
-            kwargs["attention_mask"] = torch.ones_like(prompts)
-        logits, kwargs = self._run(prompts, kwargs, padded=False, first=True)
-        batch = RunningBatch(list(seq_ids), [prompts.shape[1]] * len(seq_ids), {"input_ids": prompts, "kwargs": kwargs})
-        return logits, batch
+    def _prefill(self, seq_ids: list[int], prompts: list[torch.Tensor]) -> tuple[torch.Tensor, RunningBatch]:
+        """Prefill ``prompts`` (1-D token ids) in one forward, left-padded to the longest."""
+        lengths = [len(prompt) for prompt in prompts]
+        width = max(lengths)
+        input_ids = prompts[0].new_full((len(prompts), width), self.pad_token_id)
+        attention_mask = torch.zeros_like(input_ids)
+        for row, prompt in enumerate(prompts):
+            input_ids[row, width - len(prompt) :] = prompt
+            attention_mask[row, width - len(prompt) :] = 1
+        padded = min(lengths) < width
+        if padded and not self.accepts_attention_mask:
+            raise RuntimeError("prompts of different lengths cannot share a forward without an attention mask")
+        kwargs = self._fresh_kwargs(input_ids, attention_mask if self.accepts_attention_mask else None)
+        logits, kwargs = self._run(input_ids, kwargs, padded=padded, first=True)
+        return logits, RunningBatch(list(seq_ids), lengths, {"input_ids": input_ids, "kwargs": kwargs})
 
     def _decode(self, batch: RunningBatch, tokens: torch.Tensor) -> torch.Tensor:
         batch.state["input_ids"] = torch.cat([batch.state["input_ids"], tokens.to(batch.state["input_ids"].dtype)], 1)
@@ -270,47 +330,73 @@ class CompatCausalLM(CausalLM):
             kept.append(batch)
         self.groups = kept
 
-    def _join(self, new: RunningBatch) -> None:
-        """Add newly prefilled rows to the running batch; rows whose state cannot be joined (a shape the
-        layout probe did not show) decode in a group of their own instead."""
-        if not self.batched or not self.groups:
-            self.groups.append(new)
+    def _join(self, new: list[RunningBatch]) -> None:
+        """Add newly prefilled rows to the running batch, all in one copy of its state; rows whose state cannot
+        be joined (a shape the layout probe did not show) decode in a group of their own instead."""
+        if not self.batched or not new:
+            self.groups.extend(new)
             return
-        batch = self.groups[0]
-        try:
-            batch.state = self.layout.concat_rows(batch.state, new.state, batch.size)
-        except ValueError as error:
-            logger.warning("%s: sequences decode in separate groups: %s", type(self.hf_model).__name__, error)
-            self.groups.append(new)
+        if not self.groups:
+            self.groups.append(new.pop(0))
+        base, joining = self.groups[0], []
+        for batch in new:
+            try:
+                self.layout.check_joinable(base.state, batch.state, base.size)
+                joining.append(batch)
+            except ValueError as error:
+                logger.warning("%s: sequences decode in separate groups: %s", type(self.hf_model).__name__, error)
+                self.groups.append(batch)
+        if not joining:
             return
-        batch.seq_ids += new.seq_ids
-        batch.lengths += new.lengths
+        members = [base, *joining]
+        base.state = self.layout.concat_rows([b.state for b in members], [b.size for b in members])
+        for batch in joining:
+            base.seq_ids += batch.seq_ids
+            base.lengths += batch.lengths
 
-    def _check_batching(self) -> bool:
-        """Whether rows decode in one padded batch exactly as each decodes alone. HF's batched forward is not
+    def _check_batching(self) -> tuple[bool, bool]:
+        """Whether rows decode in one padded batch exactly as each decodes alone, and whether prompts of
+        different lengths may also prefill in one left-padded forward. HF's batched forward is not
         row-independent for some models (RWKV's state update mixes rows; Doge's top-k key selection sees the
-        padding): those run each sequence in a forward of its own."""
+        padding): those run each sequence in a forward of its own; a model whose padded prefill alone differs
+        prefills prompts of equal length together."""
         device = self.hf_model.device
         prompts = [_probe_prompt(self.config, length, device) for length in BATCHING_CHECK_LENGTHS]
-        steps = [torch.full((1, 1), 3 + i, device=device) for i in range(BATCHING_CHECK_STEPS)]
-        alone = []
-        for seq_id, prompt in enumerate(prompts):
-            _, batch = self._prefill([seq_id], prompt)
-            alone.append(torch.stack([self._decode(batch, token)[0] for token in steps]))
-            _, batch = self._prefill([seq_id], prompt)
-            self._join(batch)
-        joined = torch.stack([self._decode(self.groups[0], token.repeat(len(prompts), 1)) for token in steps], 1)
-        self.groups = []
-        alone = torch.stack(alone)
-        error = ((joined - alone).norm() / alone.norm().clamp_min(1e-12)).item()
+        alone = torch.cat([self._probe_generate([[prompt]]) for prompt in prompts])
+        joined = self._probe_generate([[prompt] for prompt in prompts])
         tolerance = 1e-4 if self.hf_model.dtype == torch.float32 else 3e-2
-        if error <= tolerance:
-            return True
-        logger.warning(
-            "%s: a batched decode differs from decoding each sequence alone (relative error %.1e); running each "
-            "sequence in a forward of its own", type(self.hf_model).__name__, error,
-        )
-        return False
+        name = type(self.hf_model).__name__
+        joined_error = _relative_error(joined, alone)
+        if joined_error > tolerance:
+            logger.warning("%s: a batched decode differs from decoding each sequence alone (relative error %.1e); "
+                           "running each sequence in a forward of its own", name, joined_error)
+            return False, False
+        if not self.accepts_attention_mask:  # nothing would hide a padded prompt's padding
+            return True, False
+        padded_error = _relative_error(self._probe_generate([prompts]), alone)
+        if padded_error > tolerance:
+            logger.warning("%s: a left-padded prefill differs from prefilling each prompt alone (relative error "
+                           "%.1e); prompts prefill in groups of equal length", name, padded_error)
+            return True, False
+        return True, True
+
+    def _probe_generate(self, groups: list[list[torch.Tensor]]) -> torch.Tensor | None:
+        """Prefill each group of prompts in one forward, join all rows, decode a few probe tokens: the logits of
+        each row's prefill and steps, [rows, 1 + BATCHING_CHECK_STEPS, vocab]; None if the rows do not join."""
+        self.groups, prefilled, first_logits = [], [], []
+        for prompts in groups:
+            logits, batch = self._prefill(list(range(len(prompts))), prompts)
+            first_logits.append(logits)
+            prefilled.append(batch)
+        self._join(prefilled)
+        if len(self.groups) != 1:
+            self.groups = []
+            return None
+        batch = self.groups[0]
+        tokens = [torch.full((batch.size, 1), 3 + i, device=self.hf_model.device) for i in range(BATCHING_CHECK_STEPS)]
+        steps = [self._decode(batch, token) for token in tokens]
+        self.groups = []
+        return torch.stack([torch.cat(first_logits), *steps], dim=1)
 
     def _module_held_state(self) -> list[str]:
         """Tensors that a forward leaves on the modules themselves (RecurrentGemma's recurrent and conv states):
@@ -321,7 +407,7 @@ class CompatCausalLM(CausalLM):
                     for attr, value in vars(module).items() if isinstance(value, torch.Tensor)}
 
         before = {key: value.clone() for key, value in module_tensors().items()}
-        self._prefill([0], _probe_prompt(self.config, LAYOUT_PROBE_LENGTHS[0], self.hf_model.device))
+        self._prefill([0], [_probe_prompt(self.config, LAYOUT_PROBE_LENGTHS[0], self.hf_model.device)])
         return [key for key, value in module_tensors().items()
                 if key not in before or value.shape != before[key].shape or not torch.equal(value, before[key])]
 
@@ -331,7 +417,7 @@ class CompatCausalLM(CausalLM):
         row-wise: each sequence then decodes alone, and its memory is estimated from the longer prompt."""
         states = []
         for length in LAYOUT_PROBE_LENGTHS:
-            _, batch = self._prefill([0], _probe_prompt(self.config, length, self.hf_model.device))
+            _, batch = self._prefill([0], [_probe_prompt(self.config, length, self.hf_model.device)])
             states.append(batch.state)
         short, long = LAYOUT_PROBE_LENGTHS
         try:
@@ -343,8 +429,35 @@ class CompatCausalLM(CausalLM):
             return
         self.state_spec = SequenceStateSpec(self.layout.fixed_bytes, self.layout.bytes_per_token)
 
+def equal_length_groups(prompt_lengths: dict[int, int]) -> list[list[int]]:
+    """Sequences (id -> prompt length) grouped by prompt length: groups that prefill without padding."""
+    groups: dict[int, list[int]] = defaultdict(list)
+    for seq_id, length in prompt_lengths.items():
+        groups[length].append(seq_id)
+    return list(groups.values())
+
+
+def padded_prefill_groups(prompt_lengths: dict[int, int], token_limit: int) -> list[list[int]]:
+    """Sequences (id -> prompt length) split into left-padded prefill groups, longest prompts first: each group
+    takes prompts while all of them, padded to its longest, hold at most ``token_limit`` tokens (a prompt longer
+    than that goes alone). Sorting by length keeps the padding small."""
+    groups: list[list[int]] = []
+    for seq_id in sorted(prompt_lengths, key=prompt_lengths.__getitem__, reverse=True):
+        if groups and (len(groups[-1]) + 1) * prompt_lengths[groups[-1][0]] <= token_limit:
+            groups[-1].append(seq_id)
+        else:
+            groups.append([seq_id])
+    return groups
+
+
+def _relative_error(actual: torch.Tensor | None, expected: torch.Tensor) -> float:
+    if actual is None:
+        return float("inf")
+    return ((actual - expected).norm() / expected.norm().clamp_min(1e-12)).item()
+
+
 def _probe_prompt(config, length: int, device: torch.device) -> torch.Tensor:
     """Token ids from the lower half of the vocabulary (special tokens tend to sit at the top)."""
     vocab = config.get_text_config().vocab_size
-    prompt = torch.randint(1, max(2, vocab // 2), (1, length), generator=torch.Generator().manual_seed(length))
+    prompt = torch.randint(1, max(2, vocab // 2), (length,), generator=torch.Generator().manual_seed(length))
     return prompt.to(device)

@@ -21,7 +21,6 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from transformers import PretrainedConfig
 
 Path = tuple  # keys, attribute names and indices from the state's root to a value
@@ -132,25 +131,27 @@ class StateLayout:
         """Keep only ``rows`` (indices into the batch) of every per-row tensor."""
         return rebuild(state, lambda path, v: v.index_select(0, rows.to(v.device)) if self._is_row(path, v, batch_size) else v)
 
-    def concat_rows(self, first: Any, second: Any, first_size: int) -> Any:
-        """The rows of ``first`` (``first_size`` of them) then those of ``second``, growing dimensions left-padded
-        with zeros to the longer one (padding is masked out). Counters take the larger value (the longer
-        timeline)."""
-        first_leaves, second_leaves = dict(walk(first)), dict(walk(second))
-        self._check_joinable(first_leaves, second_leaves, first_size)
+    def concat_rows(self, states: list[Any], sizes: list[int]) -> Any:
+        """The rows of every state in turn (``sizes[i]`` rows in ``states[i]``), in one copy per tensor, growing
+        dimensions left-padded with zeros to the longest (padding is masked out). Counters take the largest value
+        (the longest timeline). The result reuses the first state's objects (its cache keeps its identity)."""
+        leaves = [dict(walk(state)) for state in states]
+        for other in leaves[1:]:
+            self._check_joinable(leaves[0], other, sizes[0])
 
-        def join(path: Path, a: Any) -> Any:
-            b = second_leaves[path]
-            if isinstance(a, int):
-                return max(a, b) if path in self.counters else a
-            if not self._is_row(path, a, first_size):
-                return a
-            for dim in self.growing_dims.get(path, ()):
-                length = max(a.shape[dim], b.shape[dim])
-                a, b = _left_pad(a, dim, length), _left_pad(b, dim, length)
-            return torch.cat([a, b.to(a.device)], dim=0)
+        def join(path: Path, first: Any) -> Any:
+            values = [state_leaves[path] for state_leaves in leaves]
+            if isinstance(first, int):
+                return max(values) if path in self.counters else first
+            if not self._is_row(path, first, sizes[0]):
+                return first
+            return _cat_right_aligned(values, self.growing_dims.get(path, ()))
 
-        return rebuild(first, join)
+        return rebuild(states[0], join)
+
+    def check_joinable(self, first: Any, second: Any, first_size: int) -> None:
+        """Raise ValueError if ``second``'s rows cannot join ``first``'s (a shape the layout probe did not show)."""
+        self._check_joinable(dict(walk(first)), dict(walk(second)), first_size)
 
     def _check_joinable(self, first: dict[Path, Any], second: dict[Path, Any], first_size: int) -> None:
         """Raise ValueError, before anything is modified, if the two states cannot be joined row-wise."""
@@ -191,11 +192,20 @@ class StateLayout:
         return path in self.growing_dims and per_row(value, batch_size)
 
 
-def _left_pad(tensor: torch.Tensor, dim: int, length: int) -> torch.Tensor:
-    missing = length - tensor.shape[dim]
-    if missing <= 0:
-        return tensor
-    padding = [0, 0] * (tensor.dim() - 1 - dim) + [missing, 0]
-    if tensor.dtype == torch.bool:
-        return F.pad(tensor.to(torch.uint8), padding).bool()
-    return F.pad(tensor, padding)
+def _cat_right_aligned(tensors: list[torch.Tensor], growing: tuple[int, ...]) -> torch.Tensor:
+    """Concatenate along dimension 0, each tensor's growing dimensions right-aligned in zeros to the longest."""
+    shape = list(tensors[0].shape)
+    shape[0] = sum(t.shape[0] for t in tensors)
+    for dim in growing:
+        shape[dim] = max(t.shape[dim] for t in tensors)
+    if all(t.shape[1:] == tensors[0].shape[1:] for t in tensors):
+        return torch.cat([t.to(tensors[0].device) for t in tensors])
+    out = tensors[0].new_zeros(shape)
+    row = 0
+    for tensor in tensors:
+        target = out.narrow(0, row, tensor.shape[0])
+        for dim in growing:
+            target = target.narrow(dim, shape[dim] - tensor.shape[dim], tensor.shape[dim])
+        target.copy_(tensor)
+        row += tensor.shape[0]
+    return out
