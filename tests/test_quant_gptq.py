@@ -11,7 +11,7 @@ from tfbackend.quantization.fp8 import dequantize_weight, quantize_weight
 from tfbackend.quantization.gptq import (
     Fp8Rounding,
     Int4Rounding,
-    SequentialCalibration,
+    Calibration,
     decoder_block,
     gptq,
     gptq_fp8_shards,
@@ -135,17 +135,21 @@ def test_decoder_blocks_are_named_by_their_index():
     assert decoder_block("lm_head") == "lm_head"
 
 
-def test_sequential_calibration_sees_the_earlier_blocks_as_quantized():
+def two_blocks() -> torch.nn.Module:
     model = torch.nn.Module()
     model.layers = torch.nn.ModuleList([torch.nn.Linear(6, 6, bias=False) for _ in range(2)])
-    x = torch.randn(10, 6)
+    return model
+
+
+def test_sequential_calibration_sees_the_earlier_blocks_as_quantized():
+    model, x = two_blocks(), torch.randn(10, 6)
     runs, finished = [], []
 
     def run():
         runs.append(1)
         model.layers[1](model.layers[0](x))
         finished.append(1)
-    calibration = SequentialCalibration(model, ["layers.0", "layers.1"], run)
+    calibration = Calibration(model, ["layers.0", "layers.1"], run, sequential=True)
     torch.testing.assert_close(calibration.hessian("layers.0"), x.T @ x / 10)
     assert finished == []  # stopped once its block had run
     with torch.no_grad():
@@ -154,3 +158,20 @@ def test_sequential_calibration_sees_the_earlier_blocks_as_quantized():
     torch.testing.assert_close(calibration.hessian("layers.1"), hidden.T @ hidden / 10)
     calibration.hessian("layers.1")
     assert len(runs) == 2 and finished == []  # one calibration run per block, each stopped after it
+
+
+def test_one_pass_calibration_sees_the_unquantized_model():
+    model, x = two_blocks(), torch.randn(10, 6)
+    runs = []
+
+    def run():
+        runs.append(1)
+        model.layers[1](model.layers[0](x))
+    calibration = Calibration(model, ["layers.0", "layers.1"], run, sequential=False)
+    with torch.no_grad():
+        hidden = model.layers[0](x)
+    torch.testing.assert_close(calibration.hessian("layers.0"), x.T @ x / 10)
+    with torch.no_grad():
+        model.layers[0].weight.mul_(2)  # quantizing block 0 changes nothing block 1 was calibrated on
+    torch.testing.assert_close(calibration.hessian("layers.1"), hidden.T @ hidden / 10)
+    assert len(runs) == 1

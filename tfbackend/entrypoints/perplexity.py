@@ -17,8 +17,8 @@ prompt, and every token is scored given all the text before it. Each variant is 
 - ``fp8-kv``: the unquantized weights with an FP8 KV cache.
 
 GPTQ is calibrated on another text than the scored one (``tfbackend/data/calibration_text.txt``, or
-``--calibration-text``), block by block: each decoder layer's inputs are collected with the layers before it
-already quantized, as GPTQ's reference code does.
+``--calibration-text``): every layer's inputs from one pass of the unquantized model, or with ``--sequential``
+decoder layer by decoder layer, the layers before it already quantized, as GPTQ's reference code does.
 
 The table gives each variant's perplexity and its change against ``unquantized``.
 """
@@ -46,7 +46,7 @@ from tfbackend.quantization.config import (
     quantization_method,
 )
 from tfbackend.quantization.gptq import (
-    SequentialCalibration,
+    Calibration,
     gptq_fp8_shards,
     gptq_int4_shards,
 )
@@ -101,6 +101,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--text", default=None, help="a text file to score (default: the built-in text)")
     parser.add_argument("--calibration-text", default=None,
                         help="a text file GPTQ calibrates on (default: the built-in calibration text)")
+    parser.add_argument("--sequential", action="store_true",
+                        help="GPTQ calibrates each decoder layer with the layers before it already quantized (one "
+                             "model pass per layer) instead of all layers from one pass of the unquantized model")
     parser.add_argument("--act-order", action="store_true",
                         help="GPTQ rounds the inputs with the largest second moments first (int4: stored as g_idx)")
     parser.add_argument("--model-impl", choices=MODEL_IMPLS, default="auto")
@@ -144,7 +147,8 @@ def run(args: argparse.Namespace) -> int:
     calibration = Path(args.calibration_text).read_text() if args.calibration_text else builtin_text("calibration_text.txt")
     calibration_ids = tokenizer(calibration)["input_ids"][:context]
     if any(variant in GPTQ_VARIANTS for variant in variants):
-        print(f"GPTQ calibration: {len(calibration_ids)} tokens{', act order' if args.act_order else ''}")
+        options = [name for name, on in (("sequential", args.sequential), ("act order", args.act_order)) if on]
+        print(f"GPTQ calibration: {len(calibration_ids)} tokens{''.join(', ' + option for option in options)}")
     results: dict[str, float] = {}
     for variant in variants:
         model = _load_variant(variant, model_dir, args, dtype, device, calibration_ids)
@@ -171,10 +175,12 @@ def _load_variant(
     if variant == "fp8":
         requantize_linears(model, FP8_ONLINE, dtype, device, skip)
     elif variant in GPTQ_VARIANTS:
-        # requantize_linears replaces the layers in model order, so each block is calibrated after the blocks
-        # before it were quantized.
-        calibration = SequentialCalibration(
-            model, list(linear_layers(model, skip)), lambda: perplexity(model, calibration_ids, dtype, device)
+        # requantize_linears replaces the layers in model order: with --sequential, each block is calibrated
+        # after the blocks before it were quantized.
+        calibration = Calibration(
+            model, list(linear_layers(model, skip)),
+            lambda: perplexity(model, calibration_ids, dtype, device, chunk_size=len(calibration_ids)),
+            sequential=args.sequential,
         )
         def shards(name: str, weight: torch.Tensor, sizes: list[int]) -> list[dict[str, torch.Tensor]]:
             if variant == "fp8-gptq":

@@ -193,24 +193,29 @@ class _BlockDone(Exception):
     """Raised once the block being calibrated has run: the rest of the model has nothing to tell it."""
 
 
-class SequentialCalibration:
-    """The second moments GPTQ needs, collected block by block as its reference code does: each block's layers
-    see the outputs of the blocks before it *as already quantized*, so a block's rounding can absorb what the
-    earlier blocks' rounding changed. ``hessian(name)`` runs ``run()`` (the model over calibration text, stopped
-    once the block has run) the first time a layer of a new block is asked for; ask in model order, quantizing
-    each block before the next."""
+class Calibration:
+    """The second moments GPTQ needs. ``sequential`` (GPTQ's reference order): block by block, each block's layers
+    seeing the outputs of the blocks before it *as already quantized*, so a block's rounding can absorb what the
+    earlier blocks' rounding changed; one model pass per block. Else all layers from one pass of the unquantized
+    model. ``hessian(name)`` runs ``run()`` (the model over the calibration text *in one forward*: each pass stops
+    once the last block it needs has run) the first time a layer of a new block is asked for; ask in model order,
+    quantizing each block before the next."""
 
-    def __init__(self, model: nn.Module, names: list[str], run: Callable[[], object]):
-        self.model, self.names, self.run = model, names, run
-        self._block: str | None = None
+    def __init__(self, model: nn.Module, names: list[str], run: Callable[[], object], sequential: bool = True):
+        self.model, self.names, self.run, self.sequential = model, names, run, sequential
+        self._group: str | None = None
         self._hessians: dict[str, torch.Tensor] = {}
 
+    def _group_of(self, name: str) -> str:
+        return decoder_block(name) if self.sequential else ""
+
     def hessian(self, name: str) -> torch.Tensor:
-        block = decoder_block(name)
-        if block != self._block:
-            layers = {other: self.model.get_submodule(other) for other in self.names if decoder_block(other) == block}
-            self._hessians = input_second_moments(layers, lambda: self._run_through(block))
-            self._block = block
+        group = self._group_of(name)
+        if group != self._group:
+            members = [other for other in self.names if self._group_of(other) == group]
+            layers = {other: self.model.get_submodule(other) for other in members}
+            self._hessians = input_second_moments(layers, lambda: self._run_through(decoder_block(members[-1])))
+            self._group = group
         return self._hessians[name]
 
     def _run_through(self, block: str) -> None:
