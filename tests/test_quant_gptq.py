@@ -9,9 +9,9 @@ import torch
 from tfbackend.quantization.config import FP8_CHANNEL, int4_gptq
 from tfbackend.quantization.fp8 import dequantize_weight, quantize_weight
 from tfbackend.quantization.gptq import (
+    Calibration,
     Fp8Rounding,
     Int4Rounding,
-    Calibration,
     decoder_block,
     gptq,
     gptq_fp8_shards,
@@ -53,7 +53,7 @@ def test_int4_gptq_beats_round_to_nearest_on_the_layer_output(group_size: int):
     weight = torch.randn(96, 320, generator=torch.Generator().manual_seed(1)) * 0.05
     x = correlated_inputs(1024, 320)
     hessian = x.T @ x / x.shape[0]
-    rounding = Int4Rounding(96, 320, group_size)
+    rounding = Int4Rounding(96, 320, group_size, torch.device("cpu"))
     gptq(weight, hessian, rounding)
     codes = rounding.codes.T
     assert codes.max() <= 15 and codes.min() >= 0 and torch.equal(codes, codes.round())
@@ -86,7 +86,7 @@ def test_int4_gptq_shards_load_as_a_gptq_checkpoint(act_order: bool):
     shards = gptq_int4_shards(weight, hessian, [64, 32], 32, act_order)
     layer = load(int4_gptq(32), 256, [64, 32], shards)
     assert (layer.g_idx is not None) == act_order  # a trivial g_idx is dropped at load
-    rounding = Int4Rounding(96, 256, 32)
+    rounding = Int4Rounding(96, 256, 32, torch.device("cpu"))
     order = gptq(weight, hessian, rounding, act_order=act_order)
     assert (order[0].item() == 7) == act_order
     expected = dequantized(rounding.codes.T, rounding.zeros, rounding.scales, 32)  # columns in rounding order
@@ -104,7 +104,7 @@ def test_fp8_gptq_shards_load_as_a_per_channel_fp8_checkpoint():
 
 
 def test_fp8_rounding_spans_all_columns_with_one_grid():
-    rounding = Fp8Rounding(4, 64)
+    rounding = Fp8Rounding(4, 64, torch.device("cpu"))
     assert rounding.group_size == 64
 
 

@@ -33,9 +33,9 @@ class Rounding(ABC):
     """A format's rounding grid as GPTQ drives it: each group of ``group_size`` consecutive columns (in the
     order GPTQ rounds them) gets its grid from its weights as they stand when its first column comes up."""
 
-    def __init__(self, out_features: int, in_features: int, group_size: int):
+    def __init__(self, out_features: int, in_features: int, group_size: int, device: torch.device):
         self.group_size = group_size
-        self.codes = torch.empty(out_features, in_features)  # filled by round_column, the format's values
+        self.codes = torch.empty(out_features, in_features, device=device)  # filled by round_column
 
     @abstractmethod
     def begin_group(self, group: int, weights: torch.Tensor) -> None:
@@ -51,11 +51,11 @@ class Int4Rounding(Rounding):
     """Asymmetric 4 bits with integer zero points per group, as GPTQ and AWQ checkpoints store them; each group's
     clipping searched by squared error (GPTQ's ``mse`` option)."""
 
-    def __init__(self, out_features: int, in_features: int, group_size: int):
-        super().__init__(out_features, in_features, group_size)
+    def __init__(self, out_features: int, in_features: int, group_size: int, device: torch.device):
+        super().__init__(out_features, in_features, group_size, device)
         num_groups = -(-in_features // group_size)
-        self.zeros = torch.empty(num_groups, out_features)
-        self.scales = torch.empty(num_groups, out_features)
+        self.zeros = torch.empty(num_groups, out_features, device=device)
+        self.scales = torch.empty(num_groups, out_features, device=device)
 
     def begin_group(self, group: int, weights: torch.Tensor) -> None:
         _, zeros, scales = round_to_nearest(weights, weights.shape[1], clip_search=True)
@@ -73,9 +73,9 @@ class Fp8Rounding(Rounding):
     """E4M3 with one scale per output channel, clipping searched by squared error on the weight before GPTQ
     changes it (as ``--quantization fp8`` chooses it); one group spans every column."""
 
-    def __init__(self, out_features: int, in_features: int):
-        super().__init__(out_features, in_features, in_features)
-        self.scale = torch.empty(out_features, 1)
+    def __init__(self, out_features: int, in_features: int, device: torch.device):
+        super().__init__(out_features, in_features, in_features, device)
+        self.scale = torch.empty(out_features, 1, device=device)
 
     def begin_group(self, group: int, weights: torch.Tensor) -> None:
         self.scale = quantize_weight(weights, clip_search=True)[1].scale
@@ -101,7 +101,7 @@ def gptq(
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
     w[:, dead] = 0
-    order = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(in_features)
+    order = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(in_features, device=h.device)
     w, h = w[:, order], h[order][:, order]
     h += damping * torch.diag(h).mean() * torch.eye(in_features, dtype=h.dtype, device=h.device)
     # Upper Cholesky factor of H^-1: row k holds the updates that column k's error makes to columns k..K.
@@ -128,18 +128,18 @@ def gptq_int4_shards(
 ) -> list[dict[str, torch.Tensor]]:
     """GPTQ to 4 bits of a (fused) weight, as each shard's GPTQ checkpoint tensors (``qweight``, ``qzeros``,
     ``scales``, ``g_idx``; the zero points stored as they are, as ``checkpoint_format: gptq_v2`` does)."""
-    rounding = Int4Rounding(*weight.shape, group_size)
-    order = gptq(weight, hessian, rounding, act_order=act_order)
-    codes = torch.empty_like(rounding.codes)
-    codes[:, order] = rounding.codes  # back to the weight's column order
+    rounding = Int4Rounding(*weight.shape, group_size, weight.device)
+    order = gptq(weight, hessian, rounding, act_order=act_order).cpu()
+    codes = torch.empty_like(rounding.codes, device="cpu")  # checkpoint tensors arrive on the CPU
+    codes[:, order] = rounding.codes.cpu()  # back to the weight's column order
     g_idx = torch.empty(weight.shape[1], dtype=torch.int32)
     g_idx[order] = torch.arange(weight.shape[1], dtype=torch.int32) // group_size
-    zeros = rounding.zeros.to(torch.uint8)
+    zeros, scales = rounding.zeros.to(torch.uint8).cpu(), rounding.scales.cpu()
     shards, start = [], 0
     for size in sizes:
         rows = slice(start, start + size)
         shards.append({"qweight": pack_rows(codes[rows].T.to(torch.uint8)), "qzeros": pack_columns(zeros[:, rows]),
-                       "scales": rounding.scales[:, rows], "g_idx": g_idx})
+                       "scales": scales[:, rows], "g_idx": g_idx})
         start += size
     return shards
 
@@ -149,13 +149,13 @@ def gptq_fp8_shards(
 ) -> list[dict[str, torch.Tensor]]:
     """GPTQ to E4M3 per output channel of a (fused) weight, as each shard's FP8 checkpoint tensors (``weight``,
     ``weight_scale`` ``[n, 1]``: compressed-tensors' channel strategy)."""
-    rounding = Fp8Rounding(*weight.shape)
-    order = gptq(weight, hessian, rounding, act_order=act_order)
-    codes = torch.empty_like(rounding.codes)
-    codes[:, order] = rounding.codes
+    rounding = Fp8Rounding(*weight.shape, weight.device)
+    order = gptq(weight, hessian, rounding, act_order=act_order).cpu()
+    codes = torch.empty_like(rounding.codes, device="cpu")  # checkpoint tensors arrive on the CPU
+    codes[:, order] = rounding.codes.cpu()
     codes = codes.to(FP8_DTYPE)
     return [{"weight": rows, "weight_scale": scale}
-            for rows, scale in zip(codes.split(sizes), rounding.scale.split(sizes))]
+            for rows, scale in zip(codes.split(sizes), rounding.scale.cpu().split(sizes))]
 
 
 @torch.no_grad()
@@ -165,7 +165,8 @@ def input_second_moments(layers: dict[str, nn.Module], run: Callable[[], object]
     counts: dict[str, int] = {}
 
     def record(name: str, inputs: tuple) -> None:
-        x = inputs[0].reshape(-1, inputs[0].shape[-1]).to(torch.float64)
+        # float32, as GPTQ's reference code accumulates (float64 matmuls run at half the rate or less)
+        x = inputs[0].reshape(-1, inputs[0].shape[-1]).to(torch.float32)
         sums[name] = sums.get(name, 0) + x.T @ x
         counts[name] = counts.get(name, 0) + x.shape[0]
 
@@ -179,7 +180,7 @@ def input_second_moments(layers: dict[str, nn.Module], run: Callable[[], object]
     missing = sorted(set(layers) - set(sums))
     if missing:
         raise ValueError(f"the calibration run never reached {missing}")
-    return {name: (sums[name] / counts[name]).to(torch.float32) for name in layers}
+    return {name: sums[name] / counts[name] for name in layers}
 
 
 def decoder_block(name: str) -> str:
