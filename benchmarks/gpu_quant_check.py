@@ -2,16 +2,20 @@
 
 Run from the repository root on a CUDA GPU (FP8 needs compute capability 8.9+): ``python3
 benchmarks/gpu_quant_check.py``. Exits non-zero if any check fails. For each of Llama-3.1-8B's projections
-(fused q/k/v, o, fused gate/up, down) and several token counts it builds every format from one random bf16
-weight, compares the GPU path (``QuantizedLinear.apply_gpu``: ``torch._scaled_mm`` or the Triton GEMMs) with the
-layer's CPU reference computed on the GPU (dequantized weight x input, float32; relative L2 error < 2e-2),
-then times both with ``triton.testing.do_bench`` (median) against the bf16 ``F.linear``. An FP8 KV cache check
-compares the Triton attention with the torch reference on the same FP8 cache.
+(fused q/k/v, o, fused gate/up, down) and 1 / 32 / 256 / 2048 tokens it builds every format from one random bf16
+weight and compares each GPU path (``QuantizedLinear.apply_gpu``) with the layer's reference computed on the GPU
+(dequantized weight x input, float32; relative L2 error < 2e-2). Per-channel FP8 runs both ways: through
+``torch._scaled_mm`` (what such a layer takes in a bf16 model) and forced through the Triton GEMM. Times are
+``triton.testing.do_bench_cudagraph`` medians (the GPU time of a CUDA-graph replay, as the engine's decode steps
+run), printed as a ratio to bf16 ``F.linear`` on the same input. Then: the one-launch FP8 activation quantizer
+against ``fp8.quantize_activation`` (codes and scales identical), how long ``torch.compile`` takes on a stack of
+FP8 layers, and the FP8 KV cache's Triton attention against the torch reference.
 """
 
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -20,10 +24,15 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 from gguf import GGMLQuantizationType, quantize  # noqa: E402
 
-from tfbackend.quantization.fp8 import ActivationScheme, quantize_weight  # noqa: E402
-from tfbackend.quantization.fp8_linear import Fp8Format, Fp8Linear  # noqa: E402
+from tfbackend.quantization.fp8 import (  # noqa: E402
+    ActivationScheme,
+    quantize_activation,
+    quantize_weight,
+)
+from tfbackend.quantization.fp8_linear import SCALED_MM, TRITON, Fp8Format, Fp8Linear  # noqa: E402
 from tfbackend.quantization.gguf import GGUFLinear  # noqa: E402
 from tfbackend.quantization.int4 import Int4Format, Int4Linear  # noqa: E402
+from tfbackend.quantization.kernels.fp8_quant import fp8_quantize_tokens  # noqa: E402
 from tfbackend.quantization.linear import QuantizedLinear  # noqa: E402
 
 DEVICE = torch.device("cuda")
@@ -32,14 +41,18 @@ MAX_REL_ERROR = 2e-2
 # Llama-3.1-8B's linear layers as the native port fuses them: (name, in_features, shard output sizes).
 SHAPES = [("qkv", 4096, [4096, 1024, 1024]), ("o", 4096, [4096]), ("gate_up", 4096, [14336, 14336]),
           ("down", 14336, [4096])]
-TOKENS = [1, 16, 256, 2048]
+TOKENS = [1, 32, 256, 2048]
+FORMATS = ["fp8-ch/mm", "fp8-ch/tri", "fp8-blk/tri", "int4-g128", "Q8_0", "Q4_1"]
 
 
-def fp8_layer(weight, sizes, block) -> QuantizedLinear:
+def fp8_layer(weight, sizes, block, path: str | None = None) -> Fp8Linear:
     activation = ActivationScheme(group_size=block[1] if block else None)
     fmt = Fp8Format(activation, block, scale_leaves=("weight_scale",))
     layer = Fp8Linear(weight.shape[1], sizes, [f"s{i}" for i in range(len(sizes))], False, DTYPE, DEVICE, fmt)
-    return _fill(layer, weight, sizes, lambda w: dict(zip(("weight", "weight_scale"), _fp8(w, block))))
+    _fill(layer, weight, sizes, lambda w: dict(zip(("weight", "weight_scale"), _fp8(w, block))))
+    if path is not None:
+        layer.use_gemm(path)
+    return layer
 
 
 def _fp8(weight, block):
@@ -72,6 +85,11 @@ def _fill(layer, weight, sizes, tensors_of):
     return layer
 
 
+def gpu_us(fn) -> float:
+    """Median GPU time of ``fn`` replayed from a CUDA graph, in µs."""
+    return triton.testing.do_bench_cudagraph(fn) * 1e3
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         print("needs a CUDA GPU")
@@ -79,36 +97,86 @@ def main() -> int:
     print(torch.cuda.get_device_name(), "| torch", torch.__version__, "| triton", triton.__version__)
     generator = torch.Generator(device=DEVICE).manual_seed(0)
     failures = 0
-    header = f"{'layer':8} {'format':14} {'tokens':>6} {'rel err':>9} {'µs':>9} {'bf16 µs':>9} {'ratio':>6}"
-    print(header)
+    print("time of each format / bf16 F.linear (CUDA-graph replay); relative error in parentheses")
+    print(f"{'layer':8} {'tokens':>6} {'bf16 µs':>8} " + " ".join(f"{fmt:>16}" for fmt in FORMATS))
     for name, in_features, sizes in SHAPES:
         weight = torch.randn(sum(sizes), in_features, device=DEVICE, generator=generator).mul_(0.02).to(DTYPE)
         layers = {
-            "fp8-channel": fp8_layer(weight, sizes, None),
-            "fp8-block": fp8_layer(weight, sizes, (128, 128)),
+            "fp8-ch/mm": fp8_layer(weight, sizes, None),
+            "fp8-ch/tri": fp8_layer(weight, sizes, None, TRITON),
+            "fp8-blk/tri": fp8_layer(weight, sizes, (128, 128)),
             "int4-g128": int4_layer(weight, sizes),
-            "gguf-Q8_0": gguf_layer(weight, sizes, GGMLQuantizationType.Q8_0),
-            "gguf-Q4_1": gguf_layer(weight, sizes, GGMLQuantizationType.Q4_1),
+            "Q8_0": gguf_layer(weight, sizes, GGMLQuantizationType.Q8_0),
+            "Q4_1": gguf_layer(weight, sizes, GGMLQuantizationType.Q4_1),
         }
+        if layers["fp8-ch/mm"].gemm_path != SCALED_MM:
+            print("FAIL: per-channel FP8 in bf16 should take torch._scaled_mm")
+            failures += 1
         for tokens in TOKENS:
             x = torch.randn(tokens, in_features, device=DEVICE, generator=generator).to(DTYPE)
-            dense_us = triton.testing.do_bench(lambda: torch.nn.functional.linear(x, weight)) * 1e3
-            for fmt, layer in layers.items():
+            dense_us = gpu_us(lambda x=x, weight=weight: torch.nn.functional.linear(x, weight))
+            cells = []
+            for fmt in FORMATS:
+                layer = layers[fmt]
                 out = layer.apply_gpu(x).float()
                 reference = layer.apply_reference(x)
                 error = ((out - reference).norm() / reference.norm()).item()
                 ok = error < MAX_REL_ERROR
                 failures += not ok
-                us = triton.testing.do_bench(lambda: layer.apply_gpu(x)) * 1e3
-                print(f"{name:8} {fmt:14} {tokens:>6} {error:>9.2e} {us:>9.1f} {dense_us:>9.1f} "
-                      f"{us / dense_us:>6.2f}{'' if ok else '  FAIL'}")
-            layer = layers["fp8-channel"]
-            assert layer.use_scaled_mm, "per-channel FP8 in bf16 should take torch._scaled_mm"
+                ratio = gpu_us(lambda layer=layer, x=x: layer.apply_gpu(x)) / dense_us
+                cells.append(f"{ratio:5.2f}x ({error:.1e}){'' if ok else '!'}")
+            print(f"{name:8} {tokens:>6} {dense_us:>8.1f} " + " ".join(f"{cell:>16}" for cell in cells))
         del layers
         torch.cuda.empty_cache()
+    failures += activation_quantizer_check()
+    failures += compile_check()
     failures += fp8_kv_cache_check()
-    print("all checks passed" if failures == 0 else f"{failures} checks FAILED")
+    print("all checks passed" if failures == 0 else f"{failures} checks FAILED (! in the table: error too large)")
     return 1 if failures else 0
+
+
+def activation_quantizer_check() -> int:
+    """The one-launch quantizer gives ``quantize_activation``'s codes and scales bit for bit."""
+    generator = torch.Generator(device=DEVICE).manual_seed(2)
+    worst = 0.0
+    for tokens, features, group in [(1, 4096, None), (37, 14336, None), (256, 4096, 128), (2048, 14336, 128)]:
+        x = torch.randn(tokens, features, device=DEVICE, generator=generator).mul_(3).to(DTYPE)
+        scheme = ActivationScheme(group_size=group)
+        codes, scales = fp8_quantize_tokens(x, group or features, None)
+        expected_codes, expected_scales = quantize_activation(x, scheme)
+        scales_equal = torch.equal(scales, expected_scales)
+        worst = max(worst, (codes.float() != expected_codes.float()).float().mean().item(), 0.0 if scales_equal else 1)
+    ok = worst == 0
+    print(f"fp8 activation quantizer: {100 * worst:.4f}% of codes or scales differ from quantize_activation"
+          f"{'' if ok else '  FAIL'}")
+    return 0 if ok else 1
+
+
+def compile_check(num_layers: int = 32) -> int:
+    """``torch.compile(dynamic=True)`` of ``num_layers`` FP8 gate/up-sized layers with norms between them, as the
+    engine compiles a model: the FP8 linears are opaque ops, so this should take seconds, not minutes."""
+    generator = torch.Generator(device=DEVICE).manual_seed(3)
+    weight = torch.randn(4096, 4096, device=DEVICE, generator=generator).mul_(0.02).to(DTYPE)
+    layers = [fp8_layer(weight, [4096], None) for _ in range(num_layers)]
+
+    def forward(x):
+        for layer in layers:
+            x = layer(torch.nn.functional.rms_norm(x, (4096,)))
+        return x
+
+    torch._dynamo.reset()
+    compiled = torch.compile(forward, dynamic=True)
+    start = time.perf_counter()
+    for tokens in (1, 7, 256):
+        compiled(torch.randn(tokens, 4096, device=DEVICE, dtype=DTYPE))
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    x = torch.randn(5, 4096, device=DEVICE, dtype=DTYPE)
+    error = ((compiled(x).float() - forward(x).float()).norm() / forward(x).float().norm()).item()
+    ok = seconds < 60 and error < MAX_REL_ERROR
+    print(f"torch.compile of {num_layers} FP8 layers (3 token counts): {seconds:.1f} s, rel err vs eager {error:.1e}"
+          f"{'' if ok else '  FAIL'}")
+    return 0 if ok else 1
 
 
 def fp8_kv_cache_check() -> int:

@@ -48,7 +48,7 @@ def test_perplexity_of_each_variant(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert main(["perplexity", str(folder), "--text", str(text), "--chunk-size", "32"]) == 0
     out = capsys.readouterr().out.splitlines()
     rows = {line.split()[0]: line.split() for line in out if line.startswith("  ") and " perplexity " in line}
-    assert set(rows) == {"unquantized", "checkpoint", "fp8", "int4", "int4-rtn", "fp8-kv"}
+    assert set(rows) == {"unquantized", "checkpoint", "fp8", "fp8-gptq", "int4", "int4-g32", "int4-rtn", "int4-rtn-g32", "fp8-kv"}
     ppl = {variant: float(row[2]) for variant, row in rows.items()}
     # The GGUF blocks and their exact dequantization score the same; every variant gives a finite perplexity.
     assert ppl["checkpoint"] == pytest.approx(ppl["unquantized"], rel=1e-4)

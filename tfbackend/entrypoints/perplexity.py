@@ -6,13 +6,19 @@ prompt, and every token is scored given all the text before it. Each variant is 
 
 - ``unquantized``: the checkpoint's weights dense (a quantized checkpoint's dequantized exactly);
 - ``checkpoint``: the checkpoint as it loads, in its own quantized format (only for quantized checkpoints);
-- ``fp8``: the unquantized weights quantized as ``--quantization fp8`` does (E4M3 per output channel,
-  inputs per token);
-- ``int4``: the unquantized weights quantized by GPTQ (``tfbackend/quantization/gptq.py``) to 4 bits in groups of
-  128 input features with zero points, calibrated on a different text (``tfbackend/data/calibration_text.txt``),
-  and loaded as a GPTQ checkpoint's layers;
-- ``int4-rtn``: the same format by plain round to nearest (each group's clipping searched), no calibration;
+- ``fp8``: the unquantized weights quantized as ``--quantization fp8`` does (E4M3 per output channel, clipping
+  searched, inputs per token);
+- ``fp8-gptq``: the same FP8 format, the weights rounded by GPTQ (``tfbackend/quantization/gptq.py``) and loaded as
+  an FP8 checkpoint's (compressed-tensors, channel strategy);
+- ``int4``, ``int4-g32``: GPTQ to 4 bits with integer zero points in groups of 128 / 32 input features, loaded as
+  a GPTQ checkpoint's layers;
+- ``int4-rtn``, ``int4-rtn-g32``: the same formats by plain round to nearest (each group's clipping searched),
+  no calibration;
 - ``fp8-kv``: the unquantized weights with an FP8 KV cache.
+
+GPTQ is calibrated on another text than the scored one (``tfbackend/data/calibration_text.txt``, or
+``--calibration-text``): every layer's inputs from one pass of the unquantized model, or with ``--sequential``
+decoder layer by decoder layer, the layers before it already quantized, as GPTQ's reference code does.
 
 The table gives each variant's perplexity and its change against ``unquantized``.
 """
@@ -22,6 +28,7 @@ from __future__ import annotations
 import argparse
 import math
 from importlib.resources import files
+from pathlib import Path
 
 import torch
 
@@ -31,13 +38,29 @@ from tfbackend.engine.model_files import load_tokenizer
 from tfbackend.entrypoints.check import forward_step
 from tfbackend.hf_classes import load_hf_config
 from tfbackend.kv_cache import KVCache, KVCacheSpec
-from tfbackend.quantization.config import FP8_ONLINE, INT4_GPTQ, INT4_ONLINE, quantization_method
-from tfbackend.quantization.gptq import gptq_shards, input_second_moments
+from tfbackend.quantization.config import (
+    FP8_CHANNEL,
+    FP8_ONLINE,
+    int4_gptq,
+    int4_online,
+    quantization_method,
+)
+from tfbackend.quantization.gptq import (
+    Calibration,
+    gptq_fp8_shards,
+    gptq_int4_shards,
+)
 from tfbackend.quantization.kv_cache import FP8_KV_DTYPE
-from tfbackend.quantization.loading import dequantize_linears, linear_layers, requantize_linears
+from tfbackend.quantization.loading import (
+    dequantize_linears,
+    linear_layers,
+    requantize_linears,
+)
 from tfbackend.registry import MODEL_IMPLS, load_model
 
-VARIANTS = ("unquantized", "checkpoint", "fp8", "int4", "int4-rtn", "fp8-kv")
+VARIANTS = ("unquantized", "checkpoint", "fp8", "fp8-gptq", "int4", "int4-g32", "int4-rtn", "int4-rtn-g32", "fp8-kv")
+GPTQ_VARIANTS = ("fp8-gptq", "int4", "int4-g32")
+INT4_GROUP_SIZES = {"int4": 128, "int4-g32": 32, "int4-rtn": 128, "int4-rtn-g32": 32}
 
 
 def builtin_text(name: str) -> str:
@@ -76,6 +99,13 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help=f"comma-separated, from {', '.join(VARIANTS)} (default: all that apply)")
     parser.add_argument("--text", default=None, help="a text file to score (default: the built-in text)")
+    parser.add_argument("--calibration-text", default=None,
+                        help="a text file GPTQ calibrates on (default: the built-in calibration text)")
+    parser.add_argument("--sequential", action="store_true",
+                        help="GPTQ calibrates each decoder layer with the layers before it already quantized (one "
+                             "model pass per layer) instead of all layers from one pass of the unquantized model")
+    parser.add_argument("--act-order", action="store_true",
+                        help="GPTQ rounds the inputs with the largest second moments first (int4: stored as g_idx)")
     parser.add_argument("--model-impl", choices=MODEL_IMPLS, default="auto")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
@@ -98,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(model_dir)
     if tokenizer is None:
         raise ValueError(f"{model_dir} has no tokenizer to encode the text with")
-    text = open(args.text).read() if args.text else builtin_text("perplexity_text.txt")
+    text = Path(args.text).read_text() if args.text else builtin_text("perplexity_text.txt")
     token_ids = tokenizer(text)["input_ids"]
     if len(token_ids) < 2:
         raise ValueError("the text must encode to at least two tokens")
@@ -114,7 +144,11 @@ def run(args: argparse.Namespace) -> int:
           f"{checkpoint_method.describe() if checkpoint_method else 'unquantized'}")
 
     # GPTQ's calibration: another text than the one scored, as much of it as fits the model's context.
-    calibration_ids = tokenizer(builtin_text("calibration_text.txt"))["input_ids"][:context]
+    calibration = Path(args.calibration_text).read_text() if args.calibration_text else builtin_text("calibration_text.txt")
+    calibration_ids = tokenizer(calibration)["input_ids"][:context]
+    if any(variant in GPTQ_VARIANTS for variant in variants):
+        options = [name for name, on in (("sequential", args.sequential), ("act order", args.act_order)) if on]
+        print(f"GPTQ calibration: {len(calibration_ids)} tokens{''.join(', ' + option for option in options)}")
     results: dict[str, float] = {}
     for variant in variants:
         model = _load_variant(variant, model_dir, args, dtype, device, calibration_ids)
@@ -135,20 +169,28 @@ def _load_variant(
     if variant == "checkpoint":
         return model
     dequantize_linears(model)
+    if variant in ("unquantized", "fp8-kv"):
+        return model
     skip = {getattr(model, "lm_head", None)}  # the logits stay dense, as in every format
     if variant == "fp8":
         requantize_linears(model, FP8_ONLINE, dtype, device, skip)
-    elif variant == "int4-rtn":
-        requantize_linears(model, INT4_ONLINE, dtype, device, skip)
-    elif variant == "int4":
-        # Every layer's input statistics come from the unquantized model in one pass (GPTQ's reference code
-        # instead feeds each layer the outputs of the layers quantized before it).
-        hessians = input_second_moments(
-            linear_layers(model, skip), lambda: perplexity(model, calibration_ids, dtype, device)
+    elif variant in GPTQ_VARIANTS:
+        # requantize_linears replaces the layers in model order: with --sequential, each block is calibrated
+        # after the blocks before it were quantized.
+        calibration = Calibration(
+            model, list(linear_layers(model, skip)),
+            lambda: perplexity(model, calibration_ids, dtype, device, chunk_size=len(calibration_ids)),
+            sequential=args.sequential,
         )
-        group_size = INT4_GPTQ.int4.group_size
-        requantize_linears(model, INT4_GPTQ, dtype, device, skip,
-                           lambda name, weight, sizes: gptq_shards(weight, hessians[name], sizes, group_size))
+        def shards(name: str, weight: torch.Tensor, sizes: list[int]) -> list[dict[str, torch.Tensor]]:
+            if variant == "fp8-gptq":
+                return gptq_fp8_shards(weight, calibration.hessian(name), sizes, args.act_order)
+            return gptq_int4_shards(weight, calibration.hessian(name), sizes, INT4_GROUP_SIZES[variant], args.act_order)
+
+        method = FP8_CHANNEL if variant == "fp8-gptq" else int4_gptq(INT4_GROUP_SIZES[variant])
+        requantize_linears(model, method, dtype, device, skip, shards)
+    else:  # int4 by round to nearest
+        requantize_linears(model, int4_online(INT4_GROUP_SIZES[variant]), dtype, device, skip)
     return model
 
 

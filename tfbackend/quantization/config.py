@@ -90,10 +90,21 @@ class QuantizationMethod:
 
 
 FP8_ONLINE = QuantizationMethod("fp8", fp8=Fp8Format(ActivationScheme(), online=True))
-# What ``tfbackend perplexity`` measures int4 with: GPTQ-quantized layers loaded as a GPTQ checkpoint's (without
-# act order), and 4-bit round to nearest at load (not a checkpoint format: the uncalibrated yardstick).
-INT4_GPTQ = QuantizationMethod("gptq", int4=Int4Format("gptq", 128))
-INT4_ONLINE = QuantizationMethod("int4", int4=Int4Format("gptq", 128, online=True))
+# FP8 weights per channel with dynamic per-token activations, as a compressed-tensors checkpoint (channel
+# strategy) loads: how ``tfbackend perplexity`` loads the weights its GPTQ rounds to FP8.
+FP8_CHANNEL = QuantizationMethod("compressed-tensors", fp8=Fp8Format(ActivationScheme()))
+
+
+def int4_gptq(group_size: int) -> QuantizationMethod:
+    """A GPTQ checkpoint's layers (``checkpoint_format: gptq_v2``, with ``g_idx``): how ``tfbackend perplexity``
+    loads the weights its GPTQ rounds to 4 bits."""
+    return QuantizationMethod("gptq", int4=Int4Format("gptq", group_size, has_g_idx=True))
+
+
+def int4_online(group_size: int) -> QuantizationMethod:
+    """4-bit round to nearest at load (not a checkpoint format: ``tfbackend perplexity``'s uncalibrated
+    yardstick for GPTQ)."""
+    return QuantizationMethod("int4", int4=Int4Format("gptq", group_size, online=True))
 
 
 def quantization_method(hf_config, requested: str | None = None) -> QuantizationMethod | None:

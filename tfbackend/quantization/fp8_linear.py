@@ -1,10 +1,11 @@
 """FP8 (E4M3) linear layers: checkpoint FP8 weights with their scales, or bf16/fp32 weights quantized at load.
 
 The input is quantized to FP8 on every call (per token, per token and 128-wide group, or with the checkpoint's
-static scale) and multiplied in FP8: through ``torch._scaled_mm`` when both sides' scales are one per row (per
-token x per channel, bf16 output, dimensions multiples of 16), else through the Triton GEMM of
-``kernels/fp8_gemm.py``, which takes any scale grid. The CPU reference quantizes the input the same way and
-multiplies the dequantized operands in float32.
+static scale) and multiplied in FP8 by the path ``fp8_gemm_path`` picks: ``torch._scaled_mm`` when both sides'
+scales are one per row (``kernels/fp8_scaled_mm.py``), else the Triton GEMM of ``kernels/fp8_gemm.py``, which
+takes any scale grid. Dynamic input scales come from one Triton launch (``kernels/fp8_quant.py``). The CPU
+reference quantizes the input the same way (``fp8.quantize_activation``) and multiplies the dequantized operands
+in float32.
 """
 
 from __future__ import annotations
@@ -29,6 +30,34 @@ from tfbackend.quantization.linear import QuantizedLinear
 
 # Compute capability from which GPUs multiply FP8 natively (Ada, Hopper and later).
 _FP8_CAPABILITY = (8, 9)
+# The GEMMs an FP8 linear runs on a GPU.
+SCALED_MM, TRITON = "scaled_mm", "triton"
+
+
+def fp8_gemm_path(
+    capability: tuple[int, int], grid: ScaleGrid, activation: ActivationScheme, dtype: torch.dtype,
+    in_features: int, out_features: int,
+) -> str:
+    """The GEMM an FP8 linear runs on a CUDA GPU of compute ``capability``.
+
+    ``SCALED_MM`` (``torch._scaled_mm``, row-wise scaling) where it applies: one weight scale per output row
+    (per tensor or per channel), one activation scale per token (dynamic, or static per tensor), a bf16 model
+    (torch's row-wise FP8 GEMMs write bf16), K and N multiples of 16 (any number of tokens, one included).
+    Everything else, block scales and 128-wide activation groups first, takes the Triton GEMM (``TRITON``).
+    """
+    if capability < _FP8_CAPABILITY:
+        raise ValueError(
+            f"FP8 weights need a GPU of compute capability {_FP8_CAPABILITY[0]}.{_FP8_CAPABILITY[1]} or newer "
+            f"(Ada, Hopper); this one is {capability[0]}.{capability[1]}"
+        )
+    row_wise = (
+        grid.is_per_row
+        and activation.group_size is None
+        and dtype == torch.bfloat16
+        and in_features % 16 == 0
+        and out_features % 16 == 0
+    )
+    return SCALED_MM if row_wise else TRITON
 
 
 @dataclass(frozen=True)
@@ -53,7 +82,7 @@ class Fp8Linear(QuantizedLinear):
         self.format = fmt
         self.grid: ScaleGrid | None = None
         self.input_scale: torch.Tensor | None = None
-        self.use_scaled_mm = False
+        self.gemm_path: str | None = None  # on CUDA: SCALED_MM or TRITON, chosen once the scales are known
 
     def checkpoint_leaves(self) -> dict[str, str]:
         leaves = {"weight": "weight"}
@@ -104,23 +133,22 @@ class Fp8Linear(QuantizedLinear):
         return torch.stack(scales).max()
 
     def _prepare_gpu(self) -> None:
-        if torch.cuda.get_device_capability(self.target_device) < _FP8_CAPABILITY:
-            raise ValueError(
-                f"FP8 weights need a GPU of compute capability {_FP8_CAPABILITY[0]}.{_FP8_CAPABILITY[1]} or newer "
-                f"(Ada, Hopper); this one is {torch.cuda.get_device_capability(self.target_device)}"
-            )
-        activation = self.format.activation
-        self.use_scaled_mm = (
-            self.grid.is_per_row
-            and activation.group_size is None
-            and self.dtype == torch.bfloat16  # torch's row-wise scaled GEMM writes bf16 only
-            and self.in_features % 16 == 0
-            and self.out_features % 16 == 0
+        self.gemm_path = fp8_gemm_path(
+            torch.cuda.get_device_capability(self.target_device), self.grid, self.format.activation, self.dtype,
+            self.in_features, self.out_features,
         )
-        if self.use_scaled_mm:
+        self.use_gemm(self.gemm_path)
+
+    def use_gemm(self, path: str) -> None:
+        """Run the GPU GEMM ``path`` (``fp8_gemm_path``'s choice at load; benchmarks also force ``TRITON``)."""
+        # The kernels' modules register their torch.ops (and import Triton) only where a GPU runs them.
+        import tfbackend.quantization.kernels.fp8_quant  # noqa: F401
+        if path == SCALED_MM:
+            import tfbackend.quantization.kernels.fp8_scaled_mm  # noqa: F401
             self.row_scale = self.grid.row_scales(self.out_features).reshape(1, -1).contiguous()
         else:
-            import tfbackend.quantization.kernels.fp8_gemm  # noqa: F401  (registers torch.ops.tfbackend.fp8_gemm)
+            import tfbackend.quantization.kernels.fp8_gemm  # noqa: F401
+        self.gemm_path = path
 
     def _quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return quantize_activation(x, self.format.activation, self.input_scale)
@@ -132,10 +160,15 @@ class Fp8Linear(QuantizedLinear):
         return dequantize_activation(*self._quantize_input(x), self.format.activation) @ self.reference_weight().T
 
     def apply_gpu(self, x: torch.Tensor) -> torch.Tensor:
-        x_q, x_scale = self._quantize_input(x)
-        if self.use_scaled_mm:
-            return torch._scaled_mm(x_q, self.weight.t(), scale_a=x_scale, scale_b=self.row_scale, out_dtype=x.dtype)
-        group = self.format.activation.group_size or self.in_features
+        activation = self.format.activation
+        if self.gemm_path == SCALED_MM:
+            return torch.ops.tfbackend.fp8_scaled_mm(x, self.weight, self.row_scale, activation.scale_ub,
+                                                     self.input_scale)
+        group = activation.group_size or self.in_features
+        if activation.dynamic:
+            x_q, x_scale = torch.ops.tfbackend.fp8_quantize_tokens(x, group, activation.scale_ub)
+        else:
+            x_q, x_scale = self._quantize_input(x)
         return torch.ops.tfbackend.fp8_gemm(
             x_q, x_scale, group, self.weight, self.grid.scale, self.grid.block_n, self.grid.block_k, x.dtype
         )
