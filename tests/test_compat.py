@@ -147,3 +147,21 @@ def test_a_model_keeping_state_on_its_modules_runs_one_sequence_at_a_time(checkp
     outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12))
     reference = load_reference(directory)
     assert [o.outputs[0].token_ids for o in outputs] == hf_greedy(reference, prompts, 12)
+
+
+def test_declared_sequence_memory_covers_caches_that_grow_in_place(checkpoints):
+    """Admission counts what a sequence really holds, the room its growing caches keep for more tokens included."""
+    from tfbackend.compat.state import walk
+
+    llm = LLM(str(checkpoints("bloom")), dtype="float32", device="cpu", max_model_len=64)
+    engine = llm.engine
+    engine.add_request("long", prompt_token_ids([5], seed=7)[0], SamplingParams(temperature=0, max_tokens=50,
+                                                                                ignore_eos=True))
+    held = 0
+    while engine.has_unfinished_requests():
+        engine.step()
+        for group in engine.model.groups:
+            storages = {id(v.untyped_storage()): v.untyped_storage().nbytes()
+                        for _, v in walk(group.state) if isinstance(v, torch.Tensor)}
+            held = max(held, sum(storages.values()))
+    assert 0 < held <= engine.model.sequence_state().sequence_bytes(5 + 50)

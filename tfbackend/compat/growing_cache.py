@@ -14,7 +14,8 @@ import torch
 from transformers import DynamicCache, DynamicLayer
 
 # Room a buffer gets past its tokens: an eighth of them, at least this many columns. Copies of a row's cache
-# then cost about 8 columns per step instead of all of them; memory, at most an eighth more.
+# then cost about 8 columns per step instead of all of them; memory, at most an eighth more (the compat tier's
+# admission counts it).
 MIN_ROOM = 32
 
 
