@@ -59,3 +59,27 @@ def tiny_text_model(tmp_path_factory, smollm2_dir: Path) -> Path:
                     max_position_embeddings=1024)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def tiny_decoder_checkpoints(tmp_path_factory):
+    """``get(model_type)``: a tiny random checkpoint of that type (saved once per module), skipping the test when
+    transformers itself cannot run the type's tiny form."""
+    from tests.coverage import load_reference
+    from tests.model_zoo import save_tiny_checkpoint
+    from tests.tiny_models import hf_greedy
+
+    cache: dict[str, Path] = {}
+
+    def get(model_type: str) -> Path:
+        if model_type not in cache:
+            directory = tmp_path_factory.mktemp(model_type)
+            try:
+                save_tiny_checkpoint(model_type, directory, is_decoder=True)
+                hf_greedy(load_reference(directory), [[5, 6, 7]], 2)
+            except Exception as error:
+                pytest.skip(f"{model_type} has no tiny form HF itself runs: {type(error).__name__}: {error}")
+            cache[model_type] = directory
+        return cache[model_type]
+
+    return get

@@ -27,21 +27,8 @@ REQUESTS = [(0, 5, 9), (0, 12, 4), (2, 7, 11), (3, 20, 6), (5, 3, 8)]
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    cache: dict[str, Path] = {}
-
-    def get(model_type: str) -> Path:
-        if model_type not in cache:
-            directory = tmp_path_factory.mktemp(model_type)
-            try:
-                save_tiny_checkpoint(model_type, directory, is_decoder=True)
-                hf_greedy(load_reference(directory), [[5, 6, 7]], 2)
-            except Exception as error:
-                pytest.skip(f"{model_type} has no tiny form HF itself runs: {type(error).__name__}: {error}")
-            cache[model_type] = directory
-        return cache[model_type]
-
-    return get
+def checkpoints(tiny_decoder_checkpoints):
+    return tiny_decoder_checkpoints
 
 
 def run_staggered(llm: LLM, prompts: list[list[int]]) -> dict[str, list[int]]:

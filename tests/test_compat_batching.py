@@ -5,14 +5,12 @@ every step. Tokens stay identical to HF ``generate`` run on each prompt alone (g
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from transformers import DynamicLayer
 
 from tests.coverage import load_reference
-from tests.model_zoo import prompt_token_ids, save_tiny_checkpoint
+from tests.model_zoo import prompt_token_ids
 from tests.tiny_models import hf_greedy
 from tfbackend import LLM, SamplingParams
 from tfbackend.compat.growing_cache import GrowingLayer
@@ -20,17 +18,8 @@ from tfbackend.compat.model import equal_length_groups, padded_prefill_groups
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    def get(model_type: str) -> Path:
-        directory = tmp_path_factory.mktemp(model_type)
-        try:
-            save_tiny_checkpoint(model_type, directory, is_decoder=True)
-            hf_greedy(load_reference(directory), [[5, 6, 7]], 2)
-        except Exception as error:
-            pytest.skip(f"{model_type} has no tiny form HF itself runs: {type(error).__name__}: {error}")
-        return directory
-
-    return get
+def checkpoint(tiny_decoder_checkpoints):
+    return tiny_decoder_checkpoints
 
 
 def record_forwards(llm: LLM) -> list[tuple[int, int]]:

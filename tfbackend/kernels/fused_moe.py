@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from tfbackend.kernels.grid import grouped_tile
 from tfbackend.kernels.moe import GatedActivation
 
 _SCAN_BLOCK = 1024  # pairs per iteration of the sorting kernels
@@ -85,18 +86,6 @@ def _place_kernel(
         for block in range(first_block + segment // BLOCK_M, max_blocks, SCAN_BLOCK):
             blocks = block + tl.arange(0, SCAN_BLOCK)
             tl.store(block_expert_ptr + blocks, num_experts, mask=blocks < max_blocks)
-
-
-@triton.jit
-def _block_coordinates(num_row_blocks, num_col_blocks, GROUP_M: tl.constexpr):
-    """(row block, column block) of this program, in groups of GROUP_M row blocks sharing column blocks (L2 reuse)."""
-    pid = tl.program_id(0)
-    per_group = GROUP_M * num_col_blocks
-    first_row_block = (pid // per_group) * GROUP_M
-    group_size = tl.minimum(num_row_blocks - first_row_block, GROUP_M)
-    row_block = first_row_block + (pid % per_group) % group_size
-    col_block = (pid % per_group) // group_size
-    return row_block, col_block
 
 
 @triton.jit
@@ -161,7 +150,7 @@ def _gate_up_kernel(
     GROUP_M: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    row_block, col_block = _block_coordinates(num_row_blocks, tl.cdiv(inter_size, BLOCK_N), GROUP_M)
+    row_block, col_block = grouped_tile(tl.program_id(0), num_row_blocks, tl.cdiv(inter_size, BLOCK_N), GROUP_M)
     expert, pairs = _block_rows(sorted_pairs_ptr, block_expert_ptr, row_block, num_pairs, BLOCK_M, SORTED)
     if expert >= num_experts:  # a spare block of the upper-bound grid
         return
@@ -230,7 +219,7 @@ def _down_kernel(
     GROUP_M: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    row_block, col_block = _block_coordinates(num_row_blocks, tl.cdiv(hidden_size, BLOCK_N), GROUP_M)
+    row_block, col_block = grouped_tile(tl.program_id(0), num_row_blocks, tl.cdiv(hidden_size, BLOCK_N), GROUP_M)
     expert, pairs = _block_rows(sorted_pairs_ptr, block_expert_ptr, row_block, num_pairs, BLOCK_M, SORTED)
     if expert >= num_experts:
         return

@@ -16,7 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from tfbackend.quantization.kernels.tiles import grouped_tile, tiles_for
+from tfbackend.kernels.grid import grouped_tile
+from tfbackend.quantization.kernels.tiles import tiles_for
 
 Q8_0: tl.constexpr = tl.constexpr(0)
 Q4_1: tl.constexpr = tl.constexpr(1)
@@ -49,7 +50,7 @@ def _gguf_gemm_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

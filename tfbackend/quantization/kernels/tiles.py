@@ -9,9 +9,6 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import triton
-import triton.language as tl
-
 
 class Tiles(NamedTuple):
     block_m: int
@@ -30,17 +27,3 @@ def tiles_for(num_tokens: int, block_k: int) -> Tiles:
     if num_tokens <= 64:
         return Tiles(64, 64, block_k, 4, 3)
     return Tiles(128, 128, block_k, 8, 3)
-
-
-@triton.jit
-def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """The (row, column) tile of program ``pid``: programs walk ``GROUP_M`` row tiles per column tile before
-    moving on, so neighbouring programs share weight tiles in L2."""
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    pids_per_group = GROUP_M * num_pid_n
-    first_pid_m = (pid // pids_per_group) * GROUP_M
-    group_rows = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + (pid % pids_per_group) % group_rows
-    pid_n = (pid % pids_per_group) // group_rows
-    return pid_m, pid_n
