@@ -10,13 +10,30 @@ new tensors, which the next update moves into a new buffer with room again.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from transformers import DynamicCache, DynamicLayer
 
-# Room a buffer gets past its tokens: an eighth of them, at least this many columns. Copies of a row's cache
-# then cost about 8 columns per step instead of all of them; memory, at most an eighth more (the compat tier's
-# admission counts it).
+from tfbackend.model_interface import SequenceStateSpec
+
+# Room a buffer gets past its tokens: an eighth of them, at least MIN_ROOM columns. Copies of a row's cache then
+# cost about 8 columns per step instead of all of them; memory, at most an eighth more (``with_room``).
 MIN_ROOM = 32
+ROOM_DIVISOR = 8
+
+
+def room(length: int) -> int:
+    """Columns a new buffer gets past a cache of ``length`` tokens."""
+    return max(MIN_ROOM, length // ROOM_DIVISOR)
+
+
+def with_room(spec: SequenceStateSpec) -> SequenceStateSpec:
+    """``spec`` (a sequence's state as its prefill leaves it) with the room its caches may hold past their
+    tokens counted: a buffer of n tokens holds at most n + ``room(n)`` <= n * (1 + 1/ROOM_DIVISOR) + MIN_ROOM."""
+    per_token = spec.bytes_per_token
+    return dataclasses.replace(spec, fixed_bytes=spec.fixed_bytes + MIN_ROOM * per_token,
+                               bytes_per_token=per_token + -(-per_token // ROOM_DIVISOR))
 
 
 class GrowingLayer(DynamicLayer):
@@ -46,8 +63,7 @@ def _append(cache: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
     length, added = cache.shape[-2], new.shape[-2]
     grown = _extended(cache, length + added)
     if grown is None:
-        room = max(MIN_ROOM, length // 8)
-        grown = cache.new_empty((*cache.shape[:-2], length + added + room, cache.shape[-1])).narrow(-2, 0, length + added)
+        grown = cache.new_empty((*cache.shape[:-2], length + added + room(length), cache.shape[-1])).narrow(-2, 0, length + added)
         grown.narrow(-2, 0, length).copy_(cache)
     grown.narrow(-2, length, added).copy_(new)
     return grown

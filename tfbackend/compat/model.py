@@ -47,7 +47,7 @@ import torch
 from transformers import DynamicCache
 
 from tfbackend.attention import get_forward_context
-from tfbackend.compat.growing_cache import MIN_ROOM, use_growing_layers
+from tfbackend.compat.growing_cache import use_growing_layers, with_room
 from tfbackend.compat.state import StateLayout, tensor_bytes
 from tfbackend.hf_classes import causal_lm_class, padding_unsafe_layer_types
 from tfbackend.kernels.hf_experts import use_fused_experts
@@ -425,11 +425,10 @@ class CompatCausalLM(CausalLM):
         except ValueError as error:
             logger.warning("%s: each sequence runs alone (%s)", type(self.hf_model).__name__, error)
             self.layout = None
-            self.state_spec = SequenceStateSpec(0, -(-tensor_bytes(states[1]) // long))
+            self.state_spec = with_room(SequenceStateSpec(0, -(-tensor_bytes(states[1]) // long)))
             return
-        # A cache that grows in place holds room for more tokens than it has (growing_cache.room): count it.
-        per_token = self.layout.bytes_per_token
-        self.state_spec = SequenceStateSpec(self.layout.fixed_bytes + MIN_ROOM * per_token, per_token + -(-per_token // 8))
+        self.state_spec = with_room(SequenceStateSpec(self.layout.fixed_bytes, self.layout.bytes_per_token))
+
 
 def equal_length_groups(prompt_lengths: dict[int, int]) -> list[list[int]]:
     """Sequences (id -> prompt length) grouped by prompt length: groups that prefill without padding."""
