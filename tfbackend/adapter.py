@@ -38,7 +38,7 @@ from tfbackend.attention_bridge import (
     probe_attention_calls,
 )
 from tfbackend.distributed.hf_parallel import HFParallelLayout, HFPipelineStage
-from tfbackend.fallback_fusion import FusedLinears, fuse_projections, fusion_enabled
+from tfbackend.fallback_fusion import FusedLinears, fuse_projections, fusion_enabled, hidden_states_error
 from tfbackend.hf_classes import causal_lm_class, stateful_layer_types
 from tfbackend.kernels.hf_experts import use_fused_experts
 from tfbackend.kv_cache import KVCache, KVCacheSpec
@@ -291,9 +291,8 @@ class TransformersForCausalLM(CausalLM):
         whole = step(0, PROBE_LENGTH)
         cache.storage.zero_()
         chunked = torch.cat([step(0, split), step(split, PROBE_LENGTH)])
-        per_token = (chunked - whole).norm(dim=-1) / whole.norm(dim=-1).clamp_min(1e-12)
         dtype = self.hf_model.dtype
-        error = (per_token.max() if dtype == torch.float32 else per_token.median()).item()
+        error = hidden_states_error(chunked, whole, dtype)
         if not error <= STEP_TOLERANCE.get(dtype, 0.15):
             raise UnsupportedModelError(
                 f"{type(self.hf_model).__name__} gives different results when a prompt is fed in two steps "

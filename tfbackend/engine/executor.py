@@ -110,10 +110,9 @@ class Executor:
             return
         self._closed = True
         self.ranks.expect_exit()
-        stopping = self.failure is None and dist.is_initialized() and hasattr(self, "steps")
-        if stopping and self.release_graphs is not None:
-            self.release_graphs()
-        if stopping:
+        if self.failure is None and dist.is_initialized() and hasattr(self, "steps"):
+            if self.release_graphs is not None:
+                self.release_graphs()
             try:
                 self.steps.send_stop()
             except Exception:  # a rank died meanwhile; the others stop when their connections close

@@ -123,6 +123,14 @@ def gptq(
     return order
 
 
+def _codes_in_weight_order(rounding: Rounding, order: torch.Tensor) -> torch.Tensor:
+    """``rounding``'s codes (in rounding order) back in the weight's column order, on the CPU, where checkpoint
+    tensors arrive."""
+    codes = torch.empty_like(rounding.codes, device="cpu")
+    codes[:, order] = rounding.codes.cpu()
+    return codes
+
+
 def gptq_int4_shards(
     weight: torch.Tensor, hessian: torch.Tensor, sizes: list[int], group_size: int, act_order: bool = False
 ) -> list[dict[str, torch.Tensor]]:
@@ -130,8 +138,7 @@ def gptq_int4_shards(
     ``scales``, ``g_idx``; the zero points stored as they are, as ``checkpoint_format: gptq_v2`` does)."""
     rounding = Int4Rounding(*weight.shape, group_size, weight.device)
     order = gptq(weight, hessian, rounding, act_order=act_order).cpu()
-    codes = torch.empty_like(rounding.codes, device="cpu")  # checkpoint tensors arrive on the CPU
-    codes[:, order] = rounding.codes.cpu()  # back to the weight's column order
+    codes = _codes_in_weight_order(rounding, order)
     g_idx = torch.empty(weight.shape[1], dtype=torch.int32)
     g_idx[order] = torch.arange(weight.shape[1], dtype=torch.int32) // group_size
     zeros, scales = rounding.zeros.to(torch.uint8).cpu(), rounding.scales.cpu()
@@ -151,9 +158,7 @@ def gptq_fp8_shards(
     ``weight_scale`` ``[n, 1]``: compressed-tensors' channel strategy)."""
     rounding = Fp8Rounding(*weight.shape, weight.device)
     order = gptq(weight, hessian, rounding, act_order=act_order).cpu()
-    codes = torch.empty_like(rounding.codes, device="cpu")  # checkpoint tensors arrive on the CPU
-    codes[:, order] = rounding.codes.cpu()
-    codes = codes.to(FP8_DTYPE)
+    codes = _codes_in_weight_order(rounding, order).to(FP8_DTYPE)
     return [{"weight": rows, "weight_scale": scale}
             for rows, scale in zip(codes.split(sizes), rounding.scale.cpu().split(sizes))]
 
