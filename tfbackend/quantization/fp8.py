@@ -173,7 +173,9 @@ def quantize_activation(
     amax = grouped.abs().amax(dim=-1)
     if scheme.scale_ub is not None:
         amax = amax.clamp(max=scheme.scale_ub)
-    scale = (amax / FP8_MAX).clamp(min=_MIN_SCALE)
+    # A tensor divisor: CUDA divides by a Python scalar as a multiplication by its reciprocal, which can differ
+    # in the last bit from the correctly rounded quotient the CPU (and the Triton quantizer) compute.
+    scale = (amax / amax.new_full((), FP8_MAX)).clamp(min=_MIN_SCALE)
     quantized = (grouped / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return quantized.view(num_tokens, -1)[:, :in_features].contiguous(), scale
 
