@@ -48,6 +48,21 @@ def test_latency(tmp_path):
         assert row["ms_per_token"] > 0 and row["ttft_ms"] > 0
 
 
+def test_throughput_then_latency_on_the_same_engines(tmp_path):
+    """``--latency-batch-size`` adds T2 rows after each engine's T1 (one start per engine for both)."""
+    out = tmp_path / "t1t2.json"
+    args = ["bench", "throughput", *COMMON, "--num-requests", "3", "--input-len-min", "4", "--input-len-max", "8",
+            "--output-len", "3", "--latency-batch-size", "1,2", "--output", str(out)]
+    assert main(args) == 0
+    doc = json.loads(out.read_text())
+    assert [(row["system"], row["scenario"], row.get("batch_size")) for row in doc["results"]] == [
+        (system, scenario, batch) for system in ("tfbackend[native]", "tfbackend[transformers]")
+        for scenario, batch in (("throughput", None), ("latency", 1), ("latency", 2))
+    ]
+    assert doc["workload"]["latency"]["batch_sizes"] == [1, 2]
+    assert all(row["ms_per_token"] > 0 for row in doc["results"] if row["scenario"] == "latency")
+
+
 def test_rejects_a_single_output_token(tmp_path):
     assert main(["bench", "latency", *COMMON, "--output-len", "1"]) == 2
 

@@ -70,6 +70,9 @@ def add_parser(subparsers) -> None:
     throughput.add_argument("--cold", action="store_true",
                             help="run T1 in a fresh process with empty compile caches, then in another with the "
                             "caches it left: startup, first-request latency and compilations after ready")
+    throughput.add_argument("--latency-batch-size", type=_int_list, default=None,
+                            help="after T1, also T2 at these batch sizes (prompt 128, --output-len outputs, median of 3) "
+                                 "on the same engine, which saves a second start of a large model; tfbackend only")
     throughput.add_argument("--json-schema", type=Path, default=None,
                             help="also run each implementation with this JSON schema (a file) as every request's "
                             "structured output; needs a tokenizer (--tokenizer for --random-weights)")
@@ -115,7 +118,8 @@ def run(args: argparse.Namespace) -> int:
         hardware=dataclasses.asdict(hardware),
         model={"name": args.random_weights or str(args.model), "path": str(model_dir), "dtype": str(dtype),
                **dataclasses.asdict(cost.value)},
-        workload={"scenario": args.scenario, **dataclasses.asdict(workload)},
+        workload={"scenario": args.scenario, **dataclasses.asdict(workload),
+                  **({"latency": dataclasses.asdict(_trailing_latency(args))} if _trailing_latency(args) else {})},
         engine={k: v for k, v in dataclasses.asdict(base).items() if k not in ("model", "tokenizer", "model_impl")},
         not_run=not_run,
     )
@@ -168,9 +172,10 @@ def _throughput(args, base: EngineConfig, model_dir: Path, cost: _LazyCost, hard
                                 base.max_num_seqs, base.max_num_batched_tokens)
 
     structured = _json_schema(args.json_schema)
+    latency = _trailing_latency(args)
     if args.cold:
-        if args.peers or structured is not None:
-            raise ValueError("--cold runs tfbackend alone, without --peers or --json-schema")
+        if args.peers or structured is not None or latency is not None:
+            raise ValueError("--cold runs tfbackend's T1 alone, without --peers, --json-schema or --latency-batch-size")
         rows = []
         impls = args.impl or [base.model_impl]
         for impl in impls:
@@ -198,6 +203,8 @@ def _throughput(args, base: EngineConfig, model_dir: Path, cost: _LazyCost, hard
             overhead = rows[0]["output_tok_s"] / result.output_tok_s - 1
             rows.append(report.throughput_row(f"{system} json-schema", result, floor(prompts),
                                               f"{overhead:+.1%} time per output token vs none"))
+        if latency is not None:
+            rows += _latency_rows(llm, system, latency, cost.value, hardware, vocab_size)
         return rows
 
     def on_hf_model(model) -> list[dict]:
@@ -220,6 +227,12 @@ def _throughput(args, base: EngineConfig, model_dir: Path, cost: _LazyCost, hard
     return _run_all(args, base, model_dir, dtype, on_engine, on_hf_model, not_run), workload
 
 
+def _trailing_latency(args) -> LatencyWorkload | None:
+    """T2 on each T1 engine (``--latency-batch-size``): ``bench latency``'s default prompt, T1's output length."""
+    batch_sizes = getattr(args, "latency_batch_size", None)
+    return LatencyWorkload(batch_sizes, 128, args.output_len, 3, args.seed) if batch_sizes else None
+
+
 def _json_schema(path: Path | None) -> StructuredOutputsParams | None:
     if path is None:
         return None
@@ -235,13 +248,11 @@ def _latency(args, base: EngineConfig, model_dir: Path, cost: _LazyCost, hardwar
     workload = LatencyWorkload(args.batch_size, args.input_len, args.output_len, args.num_iters, args.seed)
 
     def row(system: str, result) -> dict:
-        return report.latency_row(system, result, *latency_floor(cost.value, hardware, result.batch_size,
-                                                                 workload.input_len, workload.output_len))
+        return _latency_row(system, result, workload, cost.value, hardware)
 
     def on_engine(llm: LLM, system: str) -> list[dict]:
         cost.learn(llm)
-        print(f"{system}: batch sizes {workload.batch_sizes}...")
-        return [row(system, result) for result in run_latency(llm, workload, vocab_size)]
+        return _latency_rows(llm, system, workload, cost.value, hardware, vocab_size)
 
     def on_hf_model(model) -> list[dict]:
         peer_runs = {"hf-generate": hf_peers.hf_generate_latency, "hf-cb": hf_peers.hf_cb_latency}
@@ -257,6 +268,18 @@ def _latency(args, base: EngineConfig, model_dir: Path, cost: _LazyCost, hardwar
         return rows
 
     return _run_all(args, base, model_dir, dtype, on_engine, on_hf_model, not_run), workload
+
+
+def _latency_rows(llm: LLM, system: str, workload: LatencyWorkload, cost: ModelCost, hardware,
+                  vocab_size: int) -> list[dict]:
+    print(f"{system}: batch sizes {workload.batch_sizes}...")
+    return [_latency_row(system, result, workload, cost, hardware)
+            for result in run_latency(llm, workload, vocab_size)]
+
+
+def _latency_row(system: str, result, workload: LatencyWorkload, cost: ModelCost, hardware) -> dict:
+    return report.latency_row(system, result, *latency_floor(cost, hardware, result.batch_size,
+                                                             workload.input_len, workload.output_len))
 
 
 def _peer_run(name: str, not_run: dict[str, str], fn, *args):
