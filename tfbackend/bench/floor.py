@@ -5,13 +5,16 @@ device-to-device copy (bytes read plus bytes written) and the matrix rate from a
 serving dtype. A phase of the workload then needs at least ``bytes / bandwidth`` and ``FLOPs / rate``; its
 floor is the larger. Bytes: the weights are read once per model step, the KV cache is written once and read
 by attention once per token it serves. FLOPs: 2 per weight per token (the LM head only for sampled rows) plus
-attention's 4 per head dimension per (query, key) pair.
+attention's 4 per head dimension per (query, key) pair. In a mixture of experts a token multiplies only the
+experts it is routed to, and a step reads only the experts its tokens touch: with ``E`` experts, ``k`` per
+token and ``n`` tokens in a step, at best (tokens spread evenly at random) ``E * (1 - (1 - k / E) ** n)``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +38,9 @@ class ModelCost:
     lm_head_params: int  # multiplied by every sampled row
     kv_bytes_per_token: int
     attention_flops_per_pair: int  # per (query, key) pair, all layers and heads
+    routed_expert_share: float = 0.0  # of weight_bytes, in routed experts (a step reads those its tokens touch)
+    num_experts: int = 0
+    experts_per_token: int = 0
 
     @classmethod
     def from_checkpoint(
@@ -45,7 +51,8 @@ class ModelCost:
         weights are smaller than the checkpoint's parameter count times the model dtype): the whole model's
         work, however many GPUs share it."""
         text = hf_config.get_text_config()
-        total = _checkpoint_numel(model_dir)
+        total, routed = _checkpoint_numels(model_dir)
+        num_experts, per_token = _routing(text) if routed else (0, 0)
         head = text.vocab_size * text.hidden_size
         embeddings = head if getattr(text, "tie_word_embeddings", False) else 2 * head
         kv_bytes = sum(dataclasses.replace(spec, block_size=1).bytes_per_block for spec in kv_specs)
@@ -55,19 +62,31 @@ class ModelCost:
         # which keeps the floor a lower bound.
         widths = sum(layer.head_dim + layer.v_head_dim for spec in kv_specs for layer in spec.layers)
         query_heads = text.num_attention_heads if widths else 0
+        unused_per_token = routed - routed * per_token // num_experts if num_experts else 0
         return cls(
             weight_bytes=weight_bytes,
-            token_params=total - embeddings,
+            token_params=total - embeddings - unused_per_token,
             lm_head_params=head,
             kv_bytes_per_token=kv_bytes,
             attention_flops_per_pair=2 * query_heads * widths // tensor_parallel_size,
+            routed_expert_share=routed / total if num_experts else 0.0,
+            num_experts=num_experts,
+            experts_per_token=per_token,
         )
+
+    def weight_bytes_read(self, tokens_per_step: float) -> float:
+        """Weight bytes one step of ``tokens_per_step`` tokens must read: all, less the routed experts that
+        so few tokens cannot reach even when spread as evenly as routing allows."""
+        if not self.num_experts:
+            return self.weight_bytes
+        touched = 1 - (1 - self.experts_per_token / self.num_experts) ** tokens_per_step
+        return self.weight_bytes * (1 - self.routed_expert_share * (1 - touched))
 
     def phase_seconds(self, hw: Hardware, steps: int, tokens: int, sampled: int, kv_written: int,
                       kv_read: int, pairs: int) -> float:
         """Floor of ``steps`` model steps feeding ``tokens`` tokens in all (``sampled`` rows through the LM
         head), writing ``kv_written`` and reading ``kv_read`` tokens' KV, over ``pairs`` attention pairs."""
-        bytes_moved = steps * self.weight_bytes + (kv_written + kv_read) * self.kv_bytes_per_token
+        bytes_moved = steps * self.weight_bytes_read(tokens / steps) + (kv_written + kv_read) * self.kv_bytes_per_token
         flops = 2 * (self.token_params * tokens + self.lm_head_params * sampled) + self.attention_flops_per_pair * pairs
         return max(bytes_moved / hw.bandwidth, flops / hw.matmul_rate)
 
@@ -150,9 +169,25 @@ def _median_seconds(fn, device: torch.device, warmup: int = 3, repeats: int = 10
     return sorted(times)[len(times) // 2]
 
 
-def _checkpoint_numel(model_dir: Path) -> int:
-    """Parameter count from the safetensors headers, without loading a tensor."""
-    total = 0
+# A routed expert's weights, per expert (``mlp.experts.3.up_proj.weight``) or stacked (``mlp.experts.gate_up_proj``);
+# not shared experts (``shared_expert.``, ``shared_experts.``), which every token runs.
+_ROUTED_EXPERT = re.compile(r"(^|\.)experts\.")
+_NUM_EXPERTS_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+_PER_TOKEN_KEYS = ("num_experts_per_tok", "num_experts_per_token", "moe_topk", "top_k")
+
+
+def _routing(text_config) -> tuple[int, int]:
+    """(experts, experts per token) from the config; (0, 0), counting every expert for every token, when the
+    config does not say (the floor stays a lower bound)."""
+    def first(keys: tuple[str, ...]) -> int:
+        return next((value for key in keys if isinstance(value := getattr(text_config, key, None), int)), 0)
+    num_experts, per_token = first(_NUM_EXPERTS_KEYS), first(_PER_TOKEN_KEYS)
+    return (num_experts, per_token) if 0 < per_token <= num_experts else (0, 0)
+
+
+def _checkpoint_numels(model_dir: Path) -> tuple[int, int]:
+    """(all parameters, those of routed experts) from the safetensors headers, without loading a tensor."""
+    total = routed = 0
     for path in sorted(Path(model_dir).glob("*.safetensors")):
         with open(path, "rb") as f:
             header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
@@ -162,5 +197,6 @@ def _checkpoint_numel(model_dir: Path) -> int:
                 for dim in entry["shape"]:
                     numel *= dim
                 total += numel
-    return total
+                routed += numel if _ROUTED_EXPERT.search(name) else 0
+    return total, routed
 
