@@ -1,8 +1,8 @@
 """Where the time of a decode step goes, on a CUDA GPU: host phases of ``LLMEngine.step`` and GPU kernels.
 
-Run from the repository root: ``python3 benchmarks/step_profile.py [--impl transformers] [--num-requests 256]``.
-It wraps the engine's phases with host timers (no engine code changes) and runs a T1-like workload of random
-Llama-3.2-1B weights. For decode-only steps with at least half the requests running it prints the mean
+Run from the repository root: ``python3 benchmarks/step_profile.py [--impl transformers] [--num-requests 256]
+[--preset gemma2-2b]``. It wraps the engine's phases with host timers (no engine code changes) and runs a T1-like
+workload of a preset's random weights (default Llama-3.2-1B). For decode-only steps with at least half the requests running it prints the mean
 milliseconds per step of each host phase, then a ``torch.profiler`` summary of a few such steps: the GPU
 kernels by total time, and the GPU's busy time per step. "fetch tokens" is the host waiting for the GPU
 (the step's one sync); with the engine running a step ahead, the other phases overlap the GPU's work.
@@ -45,9 +45,11 @@ def main() -> None:
     parser.add_argument("--num-requests", type=int, default=256)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--profile-steps", type=int, default=5)
+    parser.add_argument("--preset", default="llama-3.2-1b")
+    parser.add_argument("--max-model-len", type=int, default=None)
     args = parser.parse_args()
 
-    llm = LLM(str(random_checkpoint("llama-3.2-1b")), model_impl=args.impl)
+    llm = LLM(str(random_checkpoint(args.preset)), model_impl=args.impl, max_model_len=args.max_model_len)
     engine, runner = llm.engine, llm.engine.runner
     engine.scheduler.schedule = timed("schedule", engine.scheduler.schedule)
     model_runner.flatten_step = timed("flatten_step", model_runner.flatten_step)
@@ -85,7 +87,7 @@ def main() -> None:
                 profiler.stop()
                 profiling = False
     step_ms = totals["step (all)"] / decode_steps * 1e3
-    print(f"{args.impl}, {args.num_requests} requests: {decode_steps} decode-only steps, {step_ms:.3f} ms/step "
+    print(f"{args.preset} {args.impl}, {args.num_requests} requests: {decode_steps} decode-only steps, {step_ms:.3f} ms/step "
           f"({args.num_requests / step_ms * 1e3:,.0f} tok/s)")
     for key, seconds in totals.items():
         print(f"  {key:28s} {seconds / decode_steps * 1e3:8.3f} ms/step")
