@@ -47,13 +47,19 @@ def main() -> None:
     parser.add_argument("--profile-steps", type=int, default=5)
     parser.add_argument("--preset", default="llama-3.2-1b")
     parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                        help="the driver's (rank 0's) host phases and GPU kernels; collectives include waiting")
     args = parser.parse_args()
 
-    llm = LLM(str(random_checkpoint(args.preset)), model_impl=args.impl, max_model_len=args.max_model_len)
+    llm = LLM(str(random_checkpoint(args.preset)), model_impl=args.impl, max_model_len=args.max_model_len,
+              tensor_parallel_size=args.tensor_parallel_size)
     engine, runner = llm.engine, llm.engine.runner
     engine.scheduler.schedule = timed("schedule", engine.scheduler.schedule)
     model_runner.flatten_step = timed("flatten_step", model_runner.flatten_step)
-    runner.cuda_graphs.run = timed("graph copy+replay", runner.cuda_graphs.run)
+    if runner.cuda_graphs is not None:
+        runner.cuda_graphs.run = timed("graph copy+replay", runner.cuda_graphs.run)
+    if runner.send_step is not None:
+        runner.send_step = timed("send step to ranks", runner.send_step)
     runner.model.compute_logits = timed("compute_logits", runner.model.compute_logits)
     runner.sampler.sample_on_device = timed("sampler (queue)", runner.sampler.sample_on_device)
     model_runner.PendingStep.fetch = timed("fetch tokens (GPU wait)", model_runner.PendingStep.fetch)
@@ -87,7 +93,7 @@ def main() -> None:
                 profiler.stop()
                 profiling = False
     step_ms = totals["step (all)"] / decode_steps * 1e3
-    print(f"{args.preset} {args.impl}, {args.num_requests} requests: {decode_steps} decode-only steps, {step_ms:.3f} ms/step "
+    print(f"{args.preset} {args.impl} tp={args.tensor_parallel_size}, {args.num_requests} requests: {decode_steps} decode-only steps, {step_ms:.3f} ms/step "
           f"({args.num_requests / step_ms * 1e3:,.0f} tok/s)")
     for key, seconds in totals.items():
         print(f"  {key:28s} {seconds / decode_steps * 1e3:8.3f} ms/step")
@@ -95,6 +101,7 @@ def main() -> None:
     busy_us = sum(e.time_range.elapsed_us() for e in events)
     print(f"  GPU: {len(events) / profiled:.0f} kernels/copies per step, busy {busy_us / profiled / 1e3:.3f} ms/step")
     print(profiler.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60))
+    llm.engine.shutdown()  # other ranks, if any, stop too
 
 
 if __name__ == "__main__":
