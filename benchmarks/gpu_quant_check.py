@@ -2,14 +2,19 @@
 
 Run from the repository root on a CUDA GPU (FP8 needs compute capability 8.9+): ``python3
 benchmarks/gpu_quant_check.py``. Exits non-zero if any check fails. For each of Llama-3.1-8B's projections
-(fused q/k/v, o, fused gate/up, down) and 1 / 32 / 256 / 2048 tokens it builds every format from one random bf16
-weight and compares each GPU path (``QuantizedLinear.apply_gpu``) with the layer's reference computed on the GPU
-(dequantized weight x input, float32; relative L2 error < 2e-2). Per-channel FP8 runs both ways: through
-``torch._scaled_mm`` (what such a layer takes in a bf16 model) and forced through the Triton GEMM. Times are
-``triton.testing.do_bench_cudagraph`` medians (the GPU time of a CUDA-graph replay, as the engine's decode steps
-run), printed as a ratio to bf16 ``F.linear`` on the same input. Then: the one-launch FP8 activation quantizer
-against ``fp8.quantize_activation`` (codes and scales identical), how long ``torch.compile`` takes on a stack of
-FP8 layers, and the FP8 KV cache's Triton attention against the torch reference.
+(fused q/k/v, o, fused gate/up, down) and 1 / 4 / 16 / 32 / 256 / 2048 tokens it builds every format from one
+random bf16 weight and compares each GPU path (``QuantizedLinear.apply_gpu``) with the layer's reference computed
+on the GPU (dequantized weight x input, float32; relative L2 error < 2e-2). Per-channel FP8 runs three ways:
+through ``torch._scaled_mm`` (what such a layer takes in a bf16 model above ``DECODE_MAX_TOKENS`` tokens), forced
+through the Triton GEMM, and through the decode GEMM (``kernels/fp8_decode_gemm.py``, what it takes up to
+``DECODE_MAX_TOKENS``; forced here up to 32 tokens to show where it stops paying, "-" above). Block-scaled FP8
+runs with 128-wide activation groups (the Triton GEMM) and with per-token activations through the decode GEMM.
+A decode cell also fails (!) if the GEMM's split-K counters are not back to zero after the CUDA-graph replays or
+a replayed result differs from the eager one. Times are ``triton.testing.do_bench_cudagraph`` medians (the GPU
+time of a CUDA-graph replay, as the engine's decode steps run), printed as a ratio to bf16 ``F.linear`` on the
+same input. Then: the one-launch FP8 activation quantizer and the decode GEMM's in-kernel quantization against
+``fp8.quantize_activation`` (codes and scales identical), how long ``torch.compile`` takes on a stack of FP8
+layers, and the FP8 KV cache's Triton attention against the torch reference.
 """
 
 from __future__ import annotations
@@ -26,13 +31,23 @@ from gguf import GGMLQuantizationType, quantize  # noqa: E402
 
 from tfbackend.quantization.fp8 import (  # noqa: E402
     ActivationScheme,
+    dequantize_activation,
     quantize_activation,
     quantize_weight,
 )
-from tfbackend.quantization.fp8_linear import SCALED_MM, TRITON, Fp8Format, Fp8Linear  # noqa: E402
+from tfbackend.quantization.fp8_linear import (  # noqa: E402
+    DECODE,
+    DECODE_MAX_TOKENS,
+    SCALED_MM,
+    TRITON,
+    Fp8Format,
+    Fp8Linear,
+)
 from tfbackend.quantization.gguf import GGUFLinear  # noqa: E402
 from tfbackend.quantization.int4 import Int4Format, Int4Linear  # noqa: E402
+from tfbackend.quantization.kernels.fp8_decode_gemm import decode_counters, fp8_decode_gemm  # noqa: E402
 from tfbackend.quantization.kernels.fp8_quant import fp8_quantize_tokens  # noqa: E402
+from tfbackend.quantization.kernels.tiles import decode_tiles  # noqa: E402
 from tfbackend.quantization.linear import QuantizedLinear  # noqa: E402
 
 DEVICE = torch.device("cuda")
@@ -41,17 +56,22 @@ MAX_REL_ERROR = 2e-2
 # Llama-3.1-8B's linear layers as the native port fuses them: (name, in_features, shard output sizes).
 SHAPES = [("qkv", 4096, [4096, 1024, 1024]), ("o", 4096, [4096]), ("gate_up", 4096, [14336, 14336]),
           ("down", 14336, [4096])]
-TOKENS = [1, 32, 256, 2048]
-FORMATS = ["fp8-ch/mm", "fp8-ch/tri", "fp8-blk/tri", "int4-g128", "Q8_0", "Q4_1"]
+TOKENS = [1, 4, 16, 32, 256, 2048]
+FORMATS = ["fp8-ch/mm", "fp8-ch/tri", "fp8-ch/dec", "fp8-blk/tri", "fp8-blk/dec", "int4-g128", "Q8_0", "Q4_1"]
+# The decode GEMM columns force it up to this many tokens (the layers' default is DECODE_MAX_TOKENS).
+DECODE_COLUMN_TOKENS = 32
 
 
-def fp8_layer(weight, sizes, block, path: str | None = None) -> Fp8Linear:
-    activation = ActivationScheme(group_size=block[1] if block else None)
+def fp8_layer(weight, sizes, block, path: str | None = None, decode_max_tokens: int = DECODE_MAX_TOKENS,
+              grouped: bool = True) -> Fp8Linear:
+    """An FP8 layer as loaded (``path`` None), or forced onto ``path`` and the decode GEMM up to
+    ``decode_max_tokens``. Block scales pair with 128-wide activation groups unless ``grouped`` is False."""
+    activation = ActivationScheme(group_size=block[1] if block and grouped else None)
     fmt = Fp8Format(activation, block, scale_leaves=("weight_scale",))
     layer = Fp8Linear(weight.shape[1], sizes, [f"s{i}" for i in range(len(sizes))], False, DTYPE, DEVICE, fmt)
     _fill(layer, weight, sizes, lambda w: dict(zip(("weight", "weight_scale"), _fp8(w, block))))
     if path is not None:
-        layer.use_gemm(path)
+        layer.use_gemm(path, decode_max_tokens)
     return layer
 
 
@@ -103,32 +123,44 @@ def main() -> int:
         weight = torch.randn(sum(sizes), in_features, device=DEVICE, generator=generator).mul_(0.02).to(DTYPE)
         layers = {
             "fp8-ch/mm": fp8_layer(weight, sizes, None),
-            "fp8-ch/tri": fp8_layer(weight, sizes, None, TRITON),
+            "fp8-ch/tri": fp8_layer(weight, sizes, None, TRITON, 0),
+            "fp8-ch/dec": fp8_layer(weight, sizes, None, SCALED_MM, DECODE_COLUMN_TOKENS),
             "fp8-blk/tri": fp8_layer(weight, sizes, (128, 128)),
+            "fp8-blk/dec": fp8_layer(weight, sizes, (128, 128), TRITON, DECODE_COLUMN_TOKENS, grouped=False),
             "int4-g128": int4_layer(weight, sizes),
             "Q8_0": gguf_layer(weight, sizes, GGMLQuantizationType.Q8_0),
             "Q4_1": gguf_layer(weight, sizes, GGMLQuantizationType.Q4_1),
         }
-        if layers["fp8-ch/mm"].gemm_path != SCALED_MM:
-            print("FAIL: per-channel FP8 in bf16 should take torch._scaled_mm")
+        loaded = layers["fp8-ch/mm"]
+        if loaded.gemm_for_tokens(1) != DECODE or loaded.gemm_for_tokens(DECODE_MAX_TOKENS + 1) != SCALED_MM:
+            print(f"FAIL: per-channel FP8 in bf16 should take the decode GEMM up to {DECODE_MAX_TOKENS} tokens and "
+                  "torch._scaled_mm above")
             failures += 1
+        loaded.use_gemm(SCALED_MM, decode_max_tokens=0)  # the column shows torch._scaled_mm at every size
         for tokens in TOKENS:
             x = torch.randn(tokens, in_features, device=DEVICE, generator=generator).to(DTYPE)
             dense_us = gpu_us(lambda x=x, weight=weight: torch.nn.functional.linear(x, weight))
             cells = []
             for fmt in FORMATS:
                 layer = layers[fmt]
-                out = layer.apply_gpu(x).float()
+                decode = fmt.endswith("/dec")
+                if decode and layer.gemm_for_tokens(tokens) != DECODE:
+                    cells.append("-")
+                    continue
+                out = layer.apply_gpu(x)
                 reference = layer.apply_reference(x)
-                error = ((out - reference).norm() / reference.norm()).item()
+                error = ((out.float() - reference).norm() / reference.norm()).item()
                 ok = error < MAX_REL_ERROR
-                failures += not ok
                 ratio = gpu_us(lambda layer=layer, x=x: layer.apply_gpu(x)) / dense_us
+                if decode:  # the graph replays left the counters zero, and split-K sums in a fixed order
+                    ok = ok and not layer.decode_counters.any() and torch.equal(layer.apply_gpu(x), out)
+                failures += not ok
                 cells.append(f"{ratio:5.2f}x ({error:.1e}){'' if ok else '!'}")
             print(f"{name:8} {tokens:>6} {dense_us:>8.1f} " + " ".join(f"{cell:>16}" for cell in cells))
         del layers
         torch.cuda.empty_cache()
     failures += activation_quantizer_check()
+    failures += decode_quantization_check()
     failures += compile_check()
     failures += fp8_kv_cache_check()
     print("all checks passed" if failures == 0 else f"{failures} checks FAILED (! in the table: error too large)")
@@ -148,6 +180,26 @@ def activation_quantizer_check() -> int:
         worst = max(worst, (codes.float() != expected_codes.float()).float().mean().item(), 0.0 if scales_equal else 1)
     ok = worst == 0
     print(f"fp8 activation quantizer: {100 * worst:.4f}% of codes or scales differ from quantize_activation"
+          f"{'' if ok else '  FAIL'}")
+    return 0 if ok else 1
+
+
+def decode_quantization_check() -> int:
+    """The decode GEMM's in-kernel codes are ``quantize_activation``'s bit for bit: through an identity weight
+    (scale 1) each float32 output is exactly one code times its token's scale."""
+    generator = torch.Generator(device=DEVICE).manual_seed(4)
+    worst = 0.0
+    for tokens, features, scale_ub in [(1, 4096, None), (16, 4096, 2.0), (3, 14336, None)]:
+        x = torch.randn(tokens, features, device=DEVICE, generator=generator).mul_(3).to(DTYPE).float()
+        identity = torch.eye(features, device=DEVICE).to(torch.float8_e4m3fn)
+        tiles = decode_tiles(features, features, torch.cuda.get_device_properties(DEVICE).multi_processor_count)
+        out = fp8_decode_gemm(x, identity, torch.ones(1, 1, device=DEVICE), features, features, scale_ub,
+                              decode_counters(features, DEVICE), tiles.block_n, tiles.splits)
+        scheme = ActivationScheme(scale_ub=scale_ub)
+        expected = dequantize_activation(*quantize_activation(x, scheme), scheme)
+        worst = max(worst, (out != expected).float().mean().item())
+    ok = worst == 0
+    print(f"fp8 decode GEMM quantization: {100 * worst:.4f}% of dequantized codes differ from quantize_activation"
           f"{'' if ok else '  FAIL'}")
     return 0 if ok else 1
 

@@ -3,9 +3,10 @@
 The input is quantized to FP8 on every call (per token, per token and 128-wide group, or with the checkpoint's
 static scale) and multiplied in FP8 by the path ``fp8_gemm_path`` picks: ``torch._scaled_mm`` when both sides'
 scales are one per row (``kernels/fp8_scaled_mm.py``), else the Triton GEMM of ``kernels/fp8_gemm.py``, which
-takes any scale grid. Dynamic input scales come from one Triton launch (``kernels/fp8_quant.py``). The CPU
-reference quantizes the input the same way (``fp8.quantize_activation``) and multiplies the dequantized operands
-in float32.
+takes any scale grid. Dynamic input scales come from one Triton launch (``kernels/fp8_quant.py``). Decode-sized
+batches (up to ``DECODE_MAX_TOKENS`` tokens) of layers with dynamic per-token input scales instead take one
+launch that quantizes as it multiplies (``kernels/fp8_decode_gemm.py``). The CPU reference quantizes the input
+the same way (``fp8.quantize_activation``) and multiplies the dequantized operands in float32.
 """
 
 from __future__ import annotations
@@ -26,12 +27,21 @@ from tfbackend.quantization.fp8 import (
     quantize_weight,
     scale_grid_from_checkpoint,
 )
+from tfbackend.quantization.kernels.tiles import DECODE_BLOCK_K, DECODE_TOKEN_LIMIT, decode_tiles
 from tfbackend.quantization.linear import QuantizedLinear
 
 # Compute capability from which GPUs multiply FP8 natively (Ada, Hopper and later).
 _FP8_CAPABILITY = (8, 9)
 # The GEMMs an FP8 linear runs on a GPU.
-SCALED_MM, TRITON = "scaled_mm", "triton"
+SCALED_MM, TRITON, DECODE = "scaled_mm", "triton", "decode"
+# Most tokens the decode GEMM takes for a layer. 16 tokens are one tl.dot row tile: up to there the decode GEMM
+# streams the weight once, with one program per (column tile, K split), where the regular GEMMs have too few
+# programs for the SMs at N = 4096. What grows with the batch is the work each of its ~2 programs per SM repeats:
+# every token's absmax over the whole row (2 bytes x K from L2) and quantizing its K range. By an estimate of
+# L2 and divider throughput that stays below the separate quantizer launch it saves up to ~16 tokens at K = 4096
+# (fewer at K = 14336); benchmarks/gpu_quant_check.py's fp8-ch/dec column, the decode GEMM at 1 to 32 tokens,
+# measures where it actually stops paying.
+DECODE_MAX_TOKENS = 16
 
 
 def fp8_gemm_path(
@@ -60,6 +70,16 @@ def fp8_gemm_path(
     return SCALED_MM if row_wise else TRITON
 
 
+def fp8_decode_applies(grid: ScaleGrid, activation: ActivationScheme, in_features: int) -> bool:
+    """Whether small batches of this layer can take the decode GEMM: dynamic per-token activation scales (static
+    and 128-wide grouped ones keep their GEMM) and weight scales constant over each of its K steps."""
+    return (
+        activation.dynamic
+        and activation.group_size is None
+        and (grid.block_k >= in_features or grid.block_k % DECODE_BLOCK_K == 0)
+    )
+
+
 @dataclass(frozen=True)
 class Fp8Format:
     """How a checkpoint stores FP8 linears (or, ``online``, that dense weights are quantized at load).
@@ -83,6 +103,7 @@ class Fp8Linear(QuantizedLinear):
         self.grid: ScaleGrid | None = None
         self.input_scale: torch.Tensor | None = None
         self.gemm_path: str | None = None  # on CUDA: SCALED_MM or TRITON, chosen once the scales are known
+        self.decode_max_tokens = 0  # batches up to this size take the DECODE GEMM instead
 
     def checkpoint_leaves(self) -> dict[str, str]:
         leaves = {"weight": "weight"}
@@ -139,8 +160,9 @@ class Fp8Linear(QuantizedLinear):
         )
         self.use_gemm(self.gemm_path)
 
-    def use_gemm(self, path: str) -> None:
-        """Run the GPU GEMM ``path`` (``fp8_gemm_path``'s choice at load; benchmarks also force ``TRITON``)."""
+    def use_gemm(self, path: str, decode_max_tokens: int = DECODE_MAX_TOKENS) -> None:
+        """Run the GPU GEMM ``path`` (``fp8_gemm_path``'s choice at load; benchmarks also force ``TRITON``), and the
+        decode GEMM for batches of up to ``decode_max_tokens`` tokens where it applies (0: never)."""
         # The kernels' modules register their torch.ops (and import Triton) only where a GPU runs them.
         import tfbackend.quantization.kernels.fp8_quant  # noqa: F401
         if path == SCALED_MM:
@@ -149,6 +171,20 @@ class Fp8Linear(QuantizedLinear):
         else:
             import tfbackend.quantization.kernels.fp8_gemm  # noqa: F401
         self.gemm_path = path
+        applies = fp8_decode_applies(self.grid, self.format.activation, self.in_features)
+        self.decode_max_tokens = min(decode_max_tokens, DECODE_TOKEN_LIMIT) if applies else 0
+        if self.decode_max_tokens:
+            from tfbackend.quantization.kernels.fp8_decode_gemm import decode_counters
+
+            device = self.weight.device
+            # On CPU (the Triton interpreter, in tests) programs run one by one; 4 "SMs" give split-K work to test.
+            num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+            self.decode_tiles = decode_tiles(self.out_features, self.in_features, num_sms)
+            self.decode_counters = decode_counters(self.out_features, device)
+
+    def gemm_for_tokens(self, num_tokens: int) -> str:
+        """The GEMM a batch of ``num_tokens`` tokens runs on: ``DECODE`` for small batches, else ``gemm_path``."""
+        return DECODE if num_tokens <= self.decode_max_tokens else self.gemm_path
 
     def _quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return quantize_activation(x, self.format.activation, self.input_scale)
@@ -161,7 +197,13 @@ class Fp8Linear(QuantizedLinear):
 
     def apply_gpu(self, x: torch.Tensor) -> torch.Tensor:
         activation = self.format.activation
-        if self.gemm_path == SCALED_MM:
+        path = self.gemm_for_tokens(x.shape[0])
+        if path == DECODE:
+            return torch.ops.tfbackend.fp8_decode_gemm(
+                x, self.weight, self.grid.scale, self.grid.block_n, self.grid.block_k, activation.scale_ub,
+                self.decode_counters, self.decode_tiles.block_n, self.decode_tiles.splits,
+            )
+        if path == SCALED_MM:
             return torch.ops.tfbackend.fp8_scaled_mm(x, self.weight, self.row_scale, activation.scale_ub,
                                                      self.input_scale)
         group = activation.group_size or self.in_features
