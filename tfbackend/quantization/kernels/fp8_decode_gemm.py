@@ -3,10 +3,13 @@
 At a handful of tokens an FP8 linear is a stream of the weight (N x K bytes) and nothing else matters, so this
 kernel is built to keep every SM streaming and to launch once:
 
-- One launch. Every program reads its tokens' whole rows of ``x`` (bf16, a few KB per token, served from L2)
-  for each token's absmax, then quantizes the K range it multiplies on the fly, with ``fp8.quantize_activation``'s
+- One launch. Every program first reads its tokens' whole rows of ``x`` (bf16, a few KB per token, served from
+  L2) for each token's absmax, then quantizes the K range it multiplies with ``fp8.quantize_activation``'s
   arithmetic (scale = max(min(absmax, scale_ub) / 448, 1e-12); code = clamp(x / scale, +-448) rounded to E4M3;
-  both divisions correctly rounded). The codes never go to memory.
+  both divisions correctly rounded) into a small codes buffer (M x K bytes, in L2), which its GEMM loop reads.
+  Quantizing before the loop rather than inside it keeps the divisions in the loads' layout, one per element:
+  inside, the compiler divides in ``tl.dot``'s operand layout, where every thread of a column slice holds (and
+  computes) the same codes, 4 to 32 times over.
 - Parallelism at small N. Programs are (column tile, K split) pairs, about two per SM (``tiles.decode_tiles``):
   a 4096-wide output has 64 column tiles of 64, each split 4 ways along K. Splitting K rather than narrowing the
   column tiles matters: every column tile quantizes its tokens' K range, so fewer, wider tiles redo less of it.
@@ -16,8 +19,7 @@ kernel is built to keep every SM streaming and to launch once:
   and puts the counter back to zero. The counters (``tile_counters``) are owned by the layer, allocated zeroed
   once; every launch leaves them zero, so CUDA graphs replay the kernel as captured. Launches that share counters
   must not run concurrently (one stream per layer, as the engine runs).
-- ``tl.dot`` needs 16 rows: a batch of T < 16 tokens quantizes only its T rows and repeats them to 16 for the
-  tensor cores (whose work is free here), instead of quantizing 16 rows of padding.
+- ``tl.dot`` needs 16 rows: fewer tokens are padded with zero codes (masked loads, no work).
 
 Weight scales: any grid whose scale is constant over each 128-wide K step (per tensor, per channel, or
 ``block_k`` a multiple of 128); a grid that changes along K scales each step's partial product before it is
@@ -35,8 +37,9 @@ from tfbackend.quantization.kernels.tiles import DECODE_BLOCK_K, DECODE_MIN_BLOC
 
 # tl.dot's smallest row count.
 _DOT_ROWS = 16
-# Elements of x each iteration of the absmax pass loads (per program): few, wide iterations.
-_ABSMAX_ELEMENTS = 8192
+# Elements of x each program loads per iteration of its absmax and quantization passes: few, wide iterations,
+# since each waits on an L2 round trip.
+_ROW_ELEMENTS = 8192
 
 
 def decode_counters(out_features: int, device: torch.device) -> torch.Tensor:
@@ -45,21 +48,13 @@ def decode_counters(out_features: int, device: torch.device) -> torch.Tensor:
 
 
 @triton.jit
-def _repeat_rows(t, TOKENS: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
-    """``t[TOKENS, COLS]`` -> ``[ROWS, COLS]`` whose row r is row ``r % TOKENS`` (rows < TOKENS unchanged)."""
-    if TOKENS < ROWS:
-        t = tl.reshape(tl.broadcast_to(t[None, :, :], (ROWS // TOKENS, TOKENS, COLS)), (ROWS, COLS))
-    return t
-
-
-@triton.jit
 def _fp8_decode_gemm_kernel(
-    x_ptr, w_ptr, w_scale_ptr, out_ptr, partial_ptr, counter_ptr,
-    M, N, K, stride_xm, stride_wn, stride_wsn, stride_om,
+    x_ptr, w_ptr, w_scale_ptr, out_ptr, codes_ptr, partial_ptr, counter_ptr,
+    M, N, K, stride_xm, stride_wn, stride_wsn, stride_om, stride_cm,
     w_block_n, w_block_k, scale_ub, steps_per_split,
     HAS_UB: tl.constexpr, PER_STEP_SCALES: tl.constexpr, SPLITS: tl.constexpr,
     TOKENS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    ABSMAX_BLOCK: tl.constexpr, FP8_MAX_VALUE: tl.constexpr, MIN_SCALE: tl.constexpr,
+    ROW_BLOCK: tl.constexpr, FP8_MAX_VALUE: tl.constexpr, MIN_SCALE: tl.constexpr,
 ):
     tile = tl.program_id(0)
     split = tl.program_id(1)
@@ -69,40 +64,51 @@ def _fp8_decode_gemm_kernel(
 
     # Each token's scale, from its whole row: the same in every program.
     amax = tl.zeros((TOKENS,), dtype=tl.float32)
-    for k0 in tl.range(0, K, ABSMAX_BLOCK, num_stages=2):
-        cols = k0 + tl.arange(0, ABSMAX_BLOCK)
+    for k0 in tl.range(0, K, ROW_BLOCK, num_stages=2):
+        cols = k0 + tl.arange(0, ROW_BLOCK)
         x = tl.load(x_rows + cols[None, :], mask=token_mask[:, None] & (cols[None, :] < K), other=0.0)
         amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), axis=1))
     if HAS_UB:
         amax = tl.minimum(amax, scale_ub)
     x_scale = tl.maximum(tl.math.div_rn(amax, FP8_MAX_VALUE), MIN_SCALE)
 
+    # Quantize this split's K range into the codes buffer. Done here, in the loads' own layout, because inside
+    # the GEMM loop the compiler would divide in tl.dot's operand layout, where each code is held (and so
+    # computed) by many threads. Every column tile writes the same bytes for its split: the duplicate stores
+    # are harmless, and each program reads back only what it wrote itself (after the barrier) or its twins did.
+    k_begin = split * steps_per_split * BLOCK_K
+    k_end = tl.minimum(k_begin + steps_per_split * BLOCK_K, K)
+    code_rows = codes_ptr + tokens[:, None].to(tl.int64) * stride_cm
+    for k0 in tl.range(k_begin, k_end, ROW_BLOCK, num_stages=2):
+        cols = k0 + tl.arange(0, ROW_BLOCK)
+        mask = token_mask[:, None] & (cols[None, :] < k_end)
+        x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        codes = tl.clamp(tl.math.div_rn(x, x_scale[:, None]), -FP8_MAX_VALUE, FP8_MAX_VALUE)
+        tl.store(code_rows + cols[None, :], codes.to(codes_ptr.dtype.element_ty), mask=mask)
+    tl.debug_barrier()  # the codes this program's threads wrote are visible to all of them
+
+    rows = tl.arange(0, BLOCK_M)
+    row_mask = rows < M
     offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
-    k_begin = split * steps_per_split * BLOCK_K
-    k_end = tl.minimum(k_begin + steps_per_split * BLOCK_K, K)
-    x_ptrs = x_rows + (k_begin + offs_k)[None, :]
+    a_ptrs = codes_ptr + rows[:, None].to(tl.int64) * stride_cm + (k_begin + offs_k)[None, :]
     w_ptrs = w_ptr + offs_n[None, :].to(tl.int64) * stride_wn + (k_begin + offs_k)[:, None]
     w_scale_rows = w_scale_ptr + (offs_n // w_block_n) * stride_wsn
-
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_begin, k_end, BLOCK_K):
         k_mask = offs_k < K - k0
-        x = tl.load(x_ptrs, mask=token_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
-        codes = tl.clamp(tl.math.div_rn(x, x_scale[:, None]), -FP8_MAX_VALUE, FP8_MAX_VALUE)
-        a = _repeat_rows(codes.to(w_ptr.dtype.element_ty), TOKENS, BLOCK_M, BLOCK_K)
+        a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=n_mask[None, :] & k_mask[:, None], other=0.0)
         if PER_STEP_SCALES:
             w_s = tl.load(w_scale_rows + k0 // w_block_k, mask=n_mask, other=0.0)
             acc += tl.dot(a, w) * w_s[None, :]
         else:
             acc = tl.dot(a, w, acc)
-        x_ptrs += BLOCK_K
+        a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
 
-    rows = tl.arange(0, BLOCK_M)
-    out_mask = (rows < M)[:, None] & n_mask[None, :]
+    out_mask = row_mask[:, None] & n_mask[None, :]
     if SPLITS > 1:
         # Park this split's partial; the last split of the tile to arrive finishes it.
         tile_offsets = rows[:, None] * N + offs_n[None, :]
@@ -126,7 +132,9 @@ def _fp8_decode_gemm_kernel(
 def _store_scaled(acc, x_scale, w_scale_rows, out_ptr, rows, offs_n, out_mask, stride_om, n_mask,
                   PER_STEP_SCALES: tl.constexpr, TOKENS: tl.constexpr, BLOCK_M: tl.constexpr):
     """``acc`` times the token scales (and the weight's, unless applied per step) into the output."""
-    acc = acc * _repeat_rows(x_scale[:, None], TOKENS, BLOCK_M, 1)
+    if TOKENS < BLOCK_M:  # rows past the tokens are masked off: any scale will do for them
+        x_scale = tl.reshape(tl.broadcast_to(x_scale[None, :], (BLOCK_M // TOKENS, TOKENS)), (BLOCK_M,))
+    acc = acc * x_scale[:, None]
     if not PER_STEP_SCALES:
         acc = acc * tl.load(w_scale_rows, mask=n_mask, other=0.0)[None, :]
     out_ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_om + offs_n[None, :]
@@ -165,16 +173,20 @@ def fp8_decode_gemm(
     k_steps = triton.cdiv(in_features, DECODE_BLOCK_K)
     steps_per_split = triton.cdiv(k_steps, splits)
     splits = triton.cdiv(k_steps, steps_per_split)  # none left empty
+    # Scratch, never initialized: the codes (row stride a multiple of 16, as the GEMM loop's loads like) and,
+    # with split K, each split's float32 partial products.
+    codes = torch.empty(num_tokens, triton.cdiv(in_features, 16) * 16, dtype=weight.dtype, device=x.device)
     partials = torch.empty(splits if splits > 1 else 0, num_tokens, out_features, dtype=torch.float32,
                            device=x.device)
     tokens = triton.next_power_of_2(num_tokens)
     _fp8_decode_gemm_kernel[(column_tiles, splits)](
-        x, weight, weight_scale, out, partials, tile_counters,
+        x, weight, weight_scale, out, codes, partials, tile_counters,
         num_tokens, out_features, in_features, x.stride(0), weight.stride(0), weight_scale.stride(0), out.stride(0),
-        weight_block_n, weight_block_k, scale_ub if scale_ub is not None else 0.0, steps_per_split,
+        codes.stride(0), weight_block_n, weight_block_k, scale_ub if scale_ub is not None else 0.0,
+        steps_per_split,
         HAS_UB=scale_ub is not None, PER_STEP_SCALES=weight_block_k < in_features, SPLITS=splits,
         TOKENS=tokens, BLOCK_M=max(_DOT_ROWS, tokens), BLOCK_N=block_n, BLOCK_K=DECODE_BLOCK_K,
-        ABSMAX_BLOCK=min(triton.next_power_of_2(in_features), _ABSMAX_ELEMENTS // tokens),
+        ROW_BLOCK=min(triton.next_power_of_2(in_features), _ROW_ELEMENTS // tokens),
         FP8_MAX_VALUE=FP8_MAX, MIN_SCALE=_MIN_SCALE,
         num_warps=4, num_stages=4,
     )
