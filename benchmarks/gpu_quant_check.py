@@ -5,9 +5,9 @@ benchmarks/gpu_quant_check.py``. Exits non-zero if any check fails. For each of 
 (fused q/k/v, o, fused gate/up, down) and 1 / 4 / 16 / 32 / 256 / 2048 tokens it builds every format from one
 random bf16 weight and compares each GPU path (``QuantizedLinear.apply_gpu``) with the layer's reference computed
 on the GPU (dequantized weight x input, float32; relative L2 error < 2e-2). Per-channel FP8 runs three ways:
-through ``torch._scaled_mm`` (what such a layer takes in a bf16 model above ``DECODE_MAX_TOKENS`` tokens), forced
-through the Triton GEMM, and through the decode GEMM (``kernels/fp8_decode_gemm.py``, what it takes up to
-``DECODE_MAX_TOKENS``; forced here up to 32 tokens to show where it stops paying, "-" above). Block-scaled FP8
+through ``torch._scaled_mm`` (what such a layer takes in a bf16 model above ``SMALL_BATCH_TOKENS`` tokens), forced
+through the Triton GEMM (below), and through the decode GEMM (``kernels/fp8_decode_gemm.py``, what a long-K layer
+takes for one token; forced here up to 32 tokens to show where it stops paying, "-" above). Block-scaled FP8
 runs with 128-wide activation groups (the Triton GEMM) and with per-token activations through the decode GEMM.
 A decode cell also fails (!) if the GEMM's split-K counters are not back to zero after the CUDA-graph replays or
 a replayed result differs from the eager one. Times are ``triton.testing.do_bench_cudagraph`` medians (the GPU
@@ -37,8 +37,8 @@ from tfbackend.quantization.fp8 import (  # noqa: E402
 )
 from tfbackend.quantization.fp8_linear import (  # noqa: E402
     DECODE,
-    DECODE_MAX_TOKENS,
     SCALED_MM,
+    SMALL_BATCH_TOKENS,
     TRITON,
     Fp8Format,
     Fp8Linear,
@@ -58,11 +58,11 @@ SHAPES = [("qkv", 4096, [4096, 1024, 1024]), ("o", 4096, [4096]), ("gate_up", 40
           ("down", 14336, [4096])]
 TOKENS = [1, 4, 16, 32, 256, 2048]
 FORMATS = ["fp8-ch/mm", "fp8-ch/tri", "fp8-ch/dec", "fp8-blk/tri", "fp8-blk/dec", "int4-g128", "Q8_0", "Q4_1"]
-# The decode GEMM columns force it up to this many tokens (the layers' default is DECODE_MAX_TOKENS).
+# The decode GEMM columns force it up to this many tokens (by default a layer takes it for one token at most).
 DECODE_COLUMN_TOKENS = 32
 
 
-def fp8_layer(weight, sizes, block, path: str | None = None, decode_max_tokens: int = DECODE_MAX_TOKENS,
+def fp8_layer(weight, sizes, block, path: str | None = None, decode_max_tokens: int | None = None,
               grouped: bool = True) -> Fp8Linear:
     """An FP8 layer as loaded (``path`` None), or forced onto ``path`` and the decode GEMM up to
     ``decode_max_tokens``. Block scales pair with 128-wide activation groups unless ``grouped`` is False."""
@@ -132,11 +132,10 @@ def main() -> int:
             "Q4_1": gguf_layer(weight, sizes, GGMLQuantizationType.Q4_1),
         }
         loaded = layers["fp8-ch/mm"]
-        if loaded.gemm_for_tokens(1) != DECODE or loaded.gemm_for_tokens(DECODE_MAX_TOKENS + 1) != SCALED_MM:
-            print(f"FAIL: per-channel FP8 in bf16 should take the decode GEMM up to {DECODE_MAX_TOKENS} tokens and "
-                  "torch._scaled_mm above")
+        if loaded.gemm_path != SCALED_MM or loaded.gemm_for_tokens(SMALL_BATCH_TOKENS + 1) != SCALED_MM:
+            print(f"FAIL: per-channel FP8 in bf16 should take torch._scaled_mm above {SMALL_BATCH_TOKENS} tokens")
             failures += 1
-        loaded.use_gemm(SCALED_MM, decode_max_tokens=0)  # the column shows torch._scaled_mm at every size
+        loaded.use_gemm(SCALED_MM, decode_max_tokens=0, small_batch_tokens=0)  # the column: _scaled_mm at every size
         for tokens in TOKENS:
             x = torch.randn(tokens, in_features, device=DEVICE, generator=generator).to(DTYPE)
             dense_us = gpu_us(lambda x=x, weight=weight: torch.nn.functional.linear(x, weight))

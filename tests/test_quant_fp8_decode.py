@@ -32,10 +32,13 @@ from tfbackend.quantization.fp8_linear import (  # noqa: E402
     DECODE,
     DECODE_MAX_TOKENS,
     SCALED_MM,
+    SMALL_BATCH_TOKENS,
     TRITON,
     Fp8Format,
     Fp8Linear,
+    decode_tokens_by_default,
     fp8_decode_applies,
+    fp8_gemm_for_tokens,
 )
 from tfbackend.quantization.kernels.fp8_decode_gemm import decode_counters, fp8_decode_gemm  # noqa: E402
 from tfbackend.quantization.kernels.tiles import DECODE_BLOCK_K, DecodeTiles, decode_tiles  # noqa: E402
@@ -161,12 +164,28 @@ def fp8_layer(activation: ActivationScheme, block: tuple[int, int] | None, dtype
     return layer
 
 
+def test_by_default_a_single_token_of_a_long_k_layer_takes_the_decode_gemm():
+    """What the H100 measured (fp8_linear.SMALL_BATCH_TOKENS): split-K pays where K >= 2N, for one token."""
+    assert decode_tokens_by_default(14336, 4096) == DECODE_MAX_TOKENS == 1
+    assert decode_tokens_by_default(4096, 4096) == decode_tokens_by_default(4096, 28672) == 0
+
+
 @pytest.mark.parametrize("path", [SCALED_MM, TRITON])
-def test_small_batches_take_the_decode_gemm_and_larger_ones_the_layers_gemm(path):
-    layer = fp8_layer(PER_TOKEN, None, torch.bfloat16)
+def test_small_batches_take_the_decode_then_the_triton_gemm_and_larger_ones_the_layers_gemm(path):
+    small = [fp8_gemm_for_tokens(n, path, 4, SMALL_BATCH_TOKENS) for n in (1, 4, 5, SMALL_BATCH_TOKENS)]
+    assert small == [DECODE, DECODE, TRITON, TRITON]
+    assert fp8_gemm_for_tokens(SMALL_BATCH_TOKENS + 1, path, 4, SMALL_BATCH_TOKENS) == path
+    assert fp8_gemm_for_tokens(1, path, 0, 0) == path
+
+
+@pytest.mark.parametrize("path", [SCALED_MM, TRITON])
+def test_a_layer_follows_the_small_batch_rule_its_shape_and_scales_allow(path):
+    layer = fp8_layer(PER_TOKEN, None, torch.bfloat16)  # K = 256 < 2 x N = 400: no decode GEMM by default
     layer.use_gemm(path)
-    assert [layer.gemm_for_tokens(n) for n in (1, DECODE_MAX_TOKENS, DECODE_MAX_TOKENS + 1)] == [DECODE, DECODE, path]
-    layer.use_gemm(path, decode_max_tokens=0)
+    assert [layer.gemm_for_tokens(n) for n in (1, SMALL_BATCH_TOKENS + 1)] == [TRITON, path]
+    layer.use_gemm(path, decode_max_tokens=3)
+    assert [layer.gemm_for_tokens(n) for n in (3, 4)] == [DECODE, TRITON]
+    layer.use_gemm(path, decode_max_tokens=0, small_batch_tokens=0)
     assert layer.gemm_for_tokens(1) == path
 
 
@@ -179,7 +198,7 @@ def test_grouped_activations_never_take_the_decode_gemm():
 @pytest.mark.parametrize("block", [None, (128, 128)], ids=["per-channel", "blocks"])
 def test_a_layers_decode_batch_matches_its_reference(block):
     layer = fp8_layer(CAPPED, block, torch.float32)
-    layer.use_gemm(TRITON)
+    layer.use_gemm(TRITON, decode_max_tokens=16)
     x = activations(5, 256, seed=22).float()
     assert layer.gemm_for_tokens(5) == DECODE
     torch.testing.assert_close(layer.apply_gpu(x), layer.apply_reference(x), rtol=1e-5, atol=1e-4)

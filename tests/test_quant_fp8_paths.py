@@ -128,7 +128,7 @@ def fp8_exact_inputs(num_tokens: int, in_features: int, seed: int) -> torch.Tens
 @pytest.mark.parametrize("activation", [PER_TOKEN, ActivationScheme(dynamic=False)], ids=["per-token", "static"])
 def test_the_scaled_mm_path_matches_the_layer_reference(num_tokens, activation):
     layer = per_channel_layer(activation, torch.bfloat16)
-    layer.use_gemm(SCALED_MM, decode_max_tokens=0)  # tests/test_quant_fp8_decode.py covers small batches' GEMM
+    layer.use_gemm(SCALED_MM, decode_max_tokens=0, small_batch_tokens=0)  # test_quant_fp8_decode.py: small batches
     x = fp8_exact_inputs(num_tokens, 256, seed=4)
     out = layer.apply_gpu(x)
     assert out.dtype == torch.bfloat16 and out.shape == (num_tokens, 128)

@@ -3,9 +3,10 @@
 The input is quantized to FP8 on every call (per token, per token and 128-wide group, or with the checkpoint's
 static scale) and multiplied in FP8 by the path ``fp8_gemm_path`` picks: ``torch._scaled_mm`` when both sides'
 scales are one per row (``kernels/fp8_scaled_mm.py``), else the Triton GEMM of ``kernels/fp8_gemm.py``, which
-takes any scale grid. Dynamic input scales come from one Triton launch (``kernels/fp8_quant.py``). Decode-sized
-batches (up to ``DECODE_MAX_TOKENS`` tokens) of layers with dynamic per-token input scales instead take one
-launch that quantizes as it multiplies (``kernels/fp8_decode_gemm.py``). The CPU reference quantizes the input
+takes any scale grid. Dynamic input scales come from one Triton launch (``kernels/fp8_quant.py``). Small batches
+take the GEMM measured fastest for them (``fp8_gemm_for_tokens``): the Triton GEMM instead of ``_scaled_mm``, and
+for a single token of a long-K layer with dynamic per-token input scales one launch that quantizes as it
+multiplies (``kernels/fp8_decode_gemm.py``). The CPU reference quantizes the input
 the same way (``fp8.quantize_activation``) and multiplies the dequantized operands in float32.
 """
 
@@ -34,14 +35,30 @@ from tfbackend.quantization.linear import QuantizedLinear
 _FP8_CAPABILITY = (8, 9)
 # The GEMMs an FP8 linear runs on a GPU.
 SCALED_MM, TRITON, DECODE = "scaled_mm", "triton", "decode"
-# Most tokens the decode GEMM takes for a layer. 16 tokens are one tl.dot row tile: up to there the decode GEMM
-# streams the weight once, with one program per (column tile, K split), where the regular GEMMs have too few
-# programs for the SMs at N = 4096. What grows with the batch is the work each of its ~2 programs per SM repeats:
-# every token's absmax over the whole row (2 bytes x K from L2) and quantizing its K range. By an estimate of
-# L2 and divider throughput that stays below the separate quantizer launch it saves up to ~16 tokens at K = 4096
-# (fewer at K = 14336); benchmarks/gpu_quant_check.py's fp8-ch/dec column, the decode GEMM at 1 to 32 tokens,
-# measures where it actually stops paying.
-DECODE_MAX_TOKENS = 16
+# Small batches, as measured on an H100 (benchmarks/gpu_quant_check.py, 2026-11-28, Llama-3.1-8B projections, time
+# / bf16 F.linear at 1-16 tokens): the Triton GEMM, with its separate quantizer launch, beats torch._scaled_mm on
+# every projection (q/k/v 0.63-0.65x against 0.98-1.03x, o 1.22-1.37x against 1.61-1.79x, gate/up 0.56-0.58x
+# against 0.59-0.65x, down 0.98-1.00x against 1.12-1.19x; at 32 tokens they are level), so layers that take
+# _scaled_mm hand batches of up to SMALL_BATCH_TOKENS tokens to it. The one-launch decode GEMM beats both only for
+# a single token of a layer whose K is at least twice its N (down: 0.80x), where few column tiles need split-K;
+# on the other projections, and from 4 tokens on, each of its programs repeating the tokens' absmax and
+# quantization costs more than the launch it saves.
+SMALL_BATCH_TOKENS = 16
+DECODE_MAX_TOKENS = 1
+
+
+def decode_tokens_by_default(in_features: int, out_features: int) -> int:
+    """Most tokens a layer of this shape hands to the decode GEMM (where its scales allow it) by default."""
+    return DECODE_MAX_TOKENS if in_features >= 2 * out_features else 0
+
+
+def fp8_gemm_for_tokens(num_tokens: int, gemm_path: str, decode_max_tokens: int, small_batch_tokens: int) -> str:
+    """The GEMM a batch of ``num_tokens`` tokens runs on (see SMALL_BATCH_TOKENS)."""
+    if num_tokens <= decode_max_tokens:
+        return DECODE
+    if gemm_path == SCALED_MM and num_tokens <= small_batch_tokens:
+        return TRITON
+    return gemm_path
 
 
 def fp8_gemm_path(
@@ -104,6 +121,7 @@ class Fp8Linear(QuantizedLinear):
         self.input_scale: torch.Tensor | None = None
         self.gemm_path: str | None = None  # on CUDA: SCALED_MM or TRITON, chosen once the scales are known
         self.decode_max_tokens = 0  # batches up to this size take the DECODE GEMM instead
+        self.small_batch_tokens = 0  # batches up to this size take TRITON instead of SCALED_MM
 
     def checkpoint_leaves(self) -> dict[str, str]:
         leaves = {"weight": "weight"}
@@ -160,17 +178,22 @@ class Fp8Linear(QuantizedLinear):
         )
         self.use_gemm(self.gemm_path)
 
-    def use_gemm(self, path: str, decode_max_tokens: int = DECODE_MAX_TOKENS) -> None:
-        """Run the GPU GEMM ``path`` (``fp8_gemm_path``'s choice at load; benchmarks also force ``TRITON``), and the
-        decode GEMM for batches of up to ``decode_max_tokens`` tokens where it applies (0: never)."""
+    def use_gemm(self, path: str, decode_max_tokens: int | None = None,
+                 small_batch_tokens: int = SMALL_BATCH_TOKENS) -> None:
+        """Run the GPU GEMM ``path`` (``fp8_gemm_path``'s choice at load; benchmarks also force ``TRITON``); the
+        decode GEMM for batches of up to ``decode_max_tokens`` tokens where it applies (None: the measured
+        default, ``decode_tokens_by_default``; 0: never); and, on a ``SCALED_MM`` layer, the Triton GEMM for
+        batches of up to ``small_batch_tokens`` (0: never)."""
         # The kernels' modules register their torch.ops (and import Triton) only where a GPU runs them.
+        import tfbackend.quantization.kernels.fp8_gemm  # noqa: F401
         import tfbackend.quantization.kernels.fp8_quant  # noqa: F401
         if path == SCALED_MM:
             import tfbackend.quantization.kernels.fp8_scaled_mm  # noqa: F401
             self.row_scale = self.grid.row_scales(self.out_features).reshape(1, -1).contiguous()
-        else:
-            import tfbackend.quantization.kernels.fp8_gemm  # noqa: F401
         self.gemm_path = path
+        self.small_batch_tokens = small_batch_tokens
+        if decode_max_tokens is None:
+            decode_max_tokens = decode_tokens_by_default(self.in_features, self.out_features)
         applies = fp8_decode_applies(self.grid, self.format.activation, self.in_features)
         self.decode_max_tokens = min(decode_max_tokens, DECODE_TOKEN_LIMIT) if applies else 0
         if self.decode_max_tokens:
@@ -183,8 +206,8 @@ class Fp8Linear(QuantizedLinear):
             self.decode_counters = decode_counters(self.out_features, device)
 
     def gemm_for_tokens(self, num_tokens: int) -> str:
-        """The GEMM a batch of ``num_tokens`` tokens runs on: ``DECODE`` for small batches, else ``gemm_path``."""
-        return DECODE if num_tokens <= self.decode_max_tokens else self.gemm_path
+        """The GEMM a batch of ``num_tokens`` tokens runs on (``fp8_gemm_for_tokens``)."""
+        return fp8_gemm_for_tokens(num_tokens, self.gemm_path, self.decode_max_tokens, self.small_batch_tokens)
 
     def _quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return quantize_activation(x, self.format.activation, self.input_scale)
