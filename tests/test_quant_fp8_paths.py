@@ -135,27 +135,6 @@ def test_the_scaled_mm_path_matches_the_layer_reference(num_tokens, activation):
     torch.testing.assert_close(out.float(), layer.apply_reference(x), rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize("path", [SCALED_MM, TRITON])
-def test_under_torch_compile_the_input_quantization_is_traced_for_inductor_to_fuse(path):
-    """Compiled, a dynamic layer's input quantization is tensor operations in the graph (Inductor fuses them into
-    the kernel that produced the input), not the opaque quantizer launch eager runs take; same result."""
-    layer = per_channel_layer(PER_TOKEN, torch.bfloat16)
-    layer.use_gemm(path, decode_max_tokens=0, small_batch_tokens=0)
-    x = fp8_exact_inputs(5, 256, seed=9)
-    graphs = []
-
-    def record(graph_module, example_inputs):
-        graphs.append(graph_module.code)
-        return graph_module.forward
-
-    torch._dynamo.reset()
-    out = torch.compile(layer.apply_gpu, backend=record, fullgraph=True)(x)
-    assert len(graphs) == 1
-    assert "amax" in graphs[0]
-    assert "fp8_quantize_tokens" not in graphs[0] and "fp8_scaled_mm" not in graphs[0]
-    torch.testing.assert_close(out, layer.apply_gpu(x), rtol=0, atol=0)
-
-
 def test_scaled_mm_takes_the_weight_as_stored_and_its_scales_as_one_row():
     x = fp8_exact_inputs(3, 64, seed=5)
     weight, grid = quantize_weight(random(48, 64, seed=6))

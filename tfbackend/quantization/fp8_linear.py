@@ -226,23 +226,14 @@ class Fp8Linear(QuantizedLinear):
                 x, self.weight, self.grid.scale, self.grid.block_n, self.grid.block_k, activation.scale_ub,
                 self.decode_counters, self.decode_tiles.block_n, self.decode_tiles.splits,
             )
-        if activation.dynamic and torch.compiler.is_compiling():
-            # Traced as tensor operations, the input's quantization (a row absmax, a division, a cast) is fused by
-            # Inductor into the kernel that produced the input (RMSNorm, SiLU x up): a launch and a round trip of
-            # the activations fewer per linear than the opaque quantizer, which eager runs take.
-            x_q, x_scale = quantize_activation(x, activation)
-            if path == SCALED_MM:
-                return torch._scaled_mm(x_q, self.weight.t(), scale_a=x_scale, scale_b=self.row_scale,
-                                        out_dtype=x.dtype)
-        elif path == SCALED_MM:
+        if path == SCALED_MM:
             return torch.ops.tfbackend.fp8_scaled_mm(x, self.weight, self.row_scale, activation.scale_ub,
                                                      self.input_scale)
-        elif activation.dynamic:
-            x_q, x_scale = torch.ops.tfbackend.fp8_quantize_tokens(x, activation.group_size or self.in_features,
-                                                                  activation.scale_ub)
+        group = activation.group_size or self.in_features
+        if activation.dynamic:
+            x_q, x_scale = torch.ops.tfbackend.fp8_quantize_tokens(x, group, activation.scale_ub)
         else:
             x_q, x_scale = self._quantize_input(x)
-        group = activation.group_size or self.in_features
         return torch.ops.tfbackend.fp8_gemm(
             x_q, x_scale, group, self.weight, self.grid.scale, self.grid.block_n, self.grid.block_k, x.dtype
         )
