@@ -202,3 +202,24 @@ def test_a_layers_decode_batch_matches_its_reference(block):
     x = activations(5, 256, seed=22).float()
     assert layer.gemm_for_tokens(5) == DECODE
     torch.testing.assert_close(layer.apply_gpu(x), layer.apply_reference(x), rtol=1e-5, atol=1e-4)
+
+
+def test_one_compiled_graph_serves_every_batch_size_whichever_gemm_each_takes():
+    """The GEMM is picked inside one opaque op (``kernels/fp8_linear_op.py``), so dynamo does not guard on the
+    token count: batches taking the decode GEMM, the Triton GEMM and ``_scaled_mm`` share one compiled graph (each
+    such guard cost a full Inductor compile of the model at startup)."""
+    layer = fp8_layer(PER_TOKEN, None, torch.bfloat16)
+    layer.use_gemm(SCALED_MM, decode_max_tokens=4)
+    graphs = []
+
+    def record(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(layer.apply_gpu, backend=record, dynamic=True)
+    for num_tokens, path in ((2, DECODE), (8, TRITON), (40, SCALED_MM)):
+        assert layer.gemm_for_tokens(num_tokens) == path
+        x = activations(num_tokens, 256, seed=30 + num_tokens)
+        torch.testing.assert_close(compiled(x), layer.apply_gpu(x), rtol=0, atol=0)
+    assert len(graphs) == 1

@@ -32,7 +32,7 @@ from tfbackend.quantization.fp8 import (  # noqa: E402
     quantize_activation,
     quantize_weight,
 )
-from tfbackend.quantization.fp8_linear import Fp8Format, Fp8Linear  # noqa: E402
+from tfbackend.quantization.fp8_linear import TRITON, Fp8Format, Fp8Linear  # noqa: E402
 from tfbackend.quantization.gguf import GGUFLinear, PlanarGGUF  # noqa: E402
 from tfbackend.quantization.int4 import (  # noqa: E402
     AWQ_ORDER,
@@ -153,6 +153,7 @@ def test_fp8_linear_kernel_path_matches_its_reference():
         sinks[f"{prefix}.bias"](random(rows, seed=seed + 10))
     assert layer.ready and layer.missing() == []
     assert layer.input_scale.item() == pytest.approx(0.03)  # fused shards share the larger input scale
+    layer.use_gemm(TRITON)
     x = random(9, 256, seed=8)
     torch.testing.assert_close(layer.apply_gpu(x) + layer.bias, layer(x), rtol=1e-5, atol=1e-4)
 

@@ -6,7 +6,8 @@ scales are one per row (``kernels/fp8_scaled_mm.py``), else the Triton GEMM of `
 takes any scale grid. Dynamic input scales come from one Triton launch (``kernels/fp8_quant.py``). Small batches
 take the GEMM measured fastest for them (``fp8_gemm_for_tokens``): the Triton GEMM instead of ``_scaled_mm``, and
 for a single token of a long-K layer with dynamic per-token input scales one launch that quantizes as it
-multiplies (``kernels/fp8_decode_gemm.py``). The CPU reference quantizes the input
+multiplies (``kernels/fp8_decode_gemm.py``). On the GPU every call is one opaque op that makes that choice when it
+runs (``kernels/fp8_linear_op.py``), so a compiled model does not guard on the token count. The CPU reference quantizes the input
 the same way (``fp8.quantize_activation``) and multiplies the dequantized operands in float32.
 """
 
@@ -28,7 +29,7 @@ from tfbackend.quantization.fp8 import (
     quantize_weight,
     scale_grid_from_checkpoint,
 )
-from tfbackend.quantization.kernels.tiles import DECODE_BLOCK_K, DECODE_TOKEN_LIMIT, decode_tiles
+from tfbackend.quantization.kernels.tiles import DECODE_BLOCK_K, DECODE_TOKEN_LIMIT, DecodeTiles, decode_tiles
 from tfbackend.quantization.linear import QuantizedLinear
 
 # Compute capability from which GPUs multiply FP8 natively (Ada, Hopper and later).
@@ -122,6 +123,9 @@ class Fp8Linear(QuantizedLinear):
         self.gemm_path: str | None = None  # on CUDA: SCALED_MM or TRITON, chosen once the scales are known
         self.decode_max_tokens = 0  # batches up to this size take the DECODE GEMM instead
         self.small_batch_tokens = 0  # batches up to this size take TRITON instead of SCALED_MM
+        self.row_scale: torch.Tensor | None = None  # SCALED_MM's weight scales, one per output row
+        self.decode_tiles: DecodeTiles | None = None
+        self.decode_counters: torch.Tensor | None = None
 
     def checkpoint_leaves(self) -> dict[str, str]:
         leaves = {"weight": "weight"}
@@ -185,10 +189,8 @@ class Fp8Linear(QuantizedLinear):
         default, ``decode_tokens_by_default``; 0: never); and, on a ``SCALED_MM`` layer, the Triton GEMM for
         batches of up to ``small_batch_tokens`` (0: never)."""
         # The kernels' modules register their torch.ops (and import Triton) only where a GPU runs them.
-        import tfbackend.quantization.kernels.fp8_gemm  # noqa: F401
-        import tfbackend.quantization.kernels.fp8_quant  # noqa: F401
+        import tfbackend.quantization.kernels.fp8_linear_op  # noqa: F401
         if path == SCALED_MM:
-            import tfbackend.quantization.kernels.fp8_scaled_mm  # noqa: F401
             self.row_scale = self.grid.row_scales(self.out_features).reshape(1, -1).contiguous()
         self.gemm_path = path
         self.small_batch_tokens = small_batch_tokens
@@ -220,20 +222,10 @@ class Fp8Linear(QuantizedLinear):
 
     def apply_gpu(self, x: torch.Tensor) -> torch.Tensor:
         activation = self.format.activation
-        path = self.gemm_for_tokens(x.shape[0])
-        if path == DECODE:
-            return torch.ops.tfbackend.fp8_decode_gemm(
-                x, self.weight, self.grid.scale, self.grid.block_n, self.grid.block_k, activation.scale_ub,
-                self.decode_counters, self.decode_tiles.block_n, self.decode_tiles.splits,
-            )
-        if path == SCALED_MM:
-            return torch.ops.tfbackend.fp8_scaled_mm(x, self.weight, self.row_scale, activation.scale_ub,
-                                                     self.input_scale)
-        group = activation.group_size or self.in_features
-        if activation.dynamic:
-            x_q, x_scale = torch.ops.tfbackend.fp8_quantize_tokens(x, group, activation.scale_ub)
-        else:
-            x_q, x_scale = self._quantize_input(x)
-        return torch.ops.tfbackend.fp8_gemm(
-            x_q, x_scale, group, self.weight, self.grid.scale, self.grid.block_n, self.grid.block_k, x.dtype
+        tiles = self.decode_tiles
+        return torch.ops.tfbackend.fp8_linear(
+            x, self.weight, self.grid.scale, self.grid.block_n, self.grid.block_k, self.row_scale,
+            None if activation.dynamic else self.input_scale, activation.group_size or self.in_features,
+            activation.scale_ub, self.gemm_path, self.decode_max_tokens, self.small_batch_tokens,
+            self.decode_counters, tiles.block_n if tiles else 0, tiles.splits if tiles else 0,
         )
