@@ -130,6 +130,39 @@ def test_no_compilation_after_ready_across_step_sizes(checkpoint, compile_on_cpu
     assert "compiled after ready" not in caplog.text
 
 
+@pytest.mark.parametrize("model_type,impl", [("llama", "native"), ("llama", "transformers"), ("gemma2", "transformers"),
+                                             ("olmoe", "transformers")])
+def test_one_compiled_graph_serves_every_step_size_one_token_included(tmp_path, compile_on_cpu, model_type, impl):
+    """The token count is unbacked: dynamo neither specializes it at 1 nor guards on it, so the batch-1 decode
+    and the largest chunk share the graph compiled at startup (each further graph was a full compile on a GPU)."""
+    path = tmp_path / model_type
+    make_checkpoint(model_type, path, max_position_embeddings=MAX_MODEL_LEN)
+    torch._dynamo.reset()
+    engine = make_engine(path, model_impl=impl)
+    assert engine.forward.unbacked_tokens and engine.compile_monitor.during_startup().torch_compile_graphs == 1
+    generate(engine, random_prompts([1]))
+    generate(engine, random_prompts([1, 7, 40, 2]))
+    assert engine.stats().compilations_after_ready.total == 0
+
+
+def test_a_model_that_needs_a_backed_token_count_still_compiles():
+    """Compiling with the unbacked size failing is not fatal: the forward compiles with a plain dynamic size."""
+    model = torch.nn.Embedding(10, 4)
+    compiled = CompiledForward(model)
+    calls = []
+
+    def refuse_unbacked(input_ids, positions):
+        calls.append(hasattr(input_ids, "_dynamo_unbacked_indices"))
+        if calls[-1]:
+            raise torch._dynamo.exc.TorchDynamoException("could not guard on data-dependent expression")
+        return model(input_ids)
+
+    compiled.compiled = refuse_unbacked
+    ids = torch.tensor([1, 2, 3])
+    torch.testing.assert_close(compiled(ids, ids), model(ids))
+    assert calls == [True, False] and not compiled.unbacked_tokens and compiled.compiled is refuse_unbacked
+
+
 def test_a_forced_recompile_is_counted_and_warned(checkpoint, compile_on_cpu, caplog):
     engine = make_engine(checkpoint)
     torch._dynamo.reset()  # drops every compiled graph: the next step must compile again

@@ -43,9 +43,14 @@ class CompiledForward:
     """``model.forward`` through ``torch.compile``, which fuses the model's elementwise work (norms, RoPE,
     activations, residual adds) into a few Triton kernels: a graph of an HF model has some 40 kernels per
     layer, and each costs GPU time and replay time however small. Attention is one opaque custom op, so the
-    whole model is one compiled graph; shapes are dynamic, so one compilation serves every batch size.
+    whole model is one compiled graph, and one compilation serves every step size, one token included.
 
-    Should compiling fail for some model, the first call says so and the model runs as written from then on.
+    The token dimension is marked *unbacked*: a dynamic size whose value dynamo never guards on. A plain
+    dynamic size is specialized at 1 (a one-token step, the batch-1 decode, compiled a second graph: another
+    full Inductor compile at startup) and, past that, guarded on anything the model's code asks of it. Code
+    that must branch on the token count still can; that part then specializes as it would have anyway.
+    Should a model's graph not compile with the unbacked size, it compiles with a plain dynamic one; should
+    that fail too, the first call says so and the model runs as written from then on.
     """
 
     backend = "inductor"  # torch.compile's backend; tests on a CPU use "eager" (tracing only, no code generation)
@@ -53,13 +58,23 @@ class CompiledForward:
     def __init__(self, model: torch.nn.Module):
         self.model = model
         self.compiled = torch.compile(model.forward, dynamic=True, backend=self.backend)
+        self.unbacked_tokens = True
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         if self.compiled is not None:
+            if self.unbacked_tokens:
+                torch._dynamo.decorators.mark_unbacked(input_ids, 0)
+                torch._dynamo.decorators.mark_unbacked(positions, 0)
             try:
                 return self.compiled(input_ids, positions)
-            except torch._dynamo.exc.TorchDynamoException as error:  # the eager model still works
-                logger.warning("torch.compile failed, running %s uncompiled: %s", type(self.model).__name__, error)
+            except torch._dynamo.exc.TorchDynamoException as error:
+                name = type(self.model).__name__
+                if self.unbacked_tokens:
+                    logger.info("%s does not compile with an unbacked token count; compiling with a dynamic one "
+                                "(one more graph, for one-token steps): %s", name, error)
+                    self.unbacked_tokens = True
+                    return self(input_ids.clone(), positions.clone())  # the clones carry no unbacked marks
+                logger.warning("torch.compile failed, running %s uncompiled: %s", name, error)  # eager still works
                 self.compiled = None
         return self.model(input_ids, positions)
 
