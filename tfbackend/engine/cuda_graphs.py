@@ -72,7 +72,7 @@ class CompiledForward:
                 if self.unbacked_tokens:
                     logger.info("%s does not compile with an unbacked token count; compiling with a dynamic one "
                                 "(one more graph, for one-token steps): %s", name, error)
-                    self.unbacked_tokens = True
+                    self.unbacked_tokens = False
                     return self(input_ids.clone(), positions.clone())  # the clones carry no unbacked marks
                 logger.warning("torch.compile failed, running %s uncompiled: %s", name, error)  # eager still works
                 self.compiled = None
