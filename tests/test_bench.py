@@ -17,12 +17,16 @@ def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("TFBACKEND_CACHE", str(tmp_path / "cache"))
 
 
+def bench(tmp_path, *args: str) -> dict:
+    """Run ``tfbackend bench ARGS --output FILE`` and return the JSON it wrote."""
+    out = tmp_path / "bench.json"
+    assert main(["bench", *args, "--output", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
 def test_throughput(tmp_path):
-    out = tmp_path / "t1.json"
-    args = ["bench", "throughput", *COMMON, "--num-requests", "4", "--input-len-min", "4", "--input-len-max", "16",
-            "--output-len", "4", "--peers", "hf-generate", "--output", str(out)]
-    assert main(args) == 0
-    doc = json.loads(out.read_text())
+    doc = bench(tmp_path, "throughput", *COMMON, "--num-requests", "4", "--input-len-min", "4", "--input-len-max", "16",
+                "--output-len", "4", "--peers", "hf-generate")
     assert {"date", "versions", "hardware", "model", "workload", "engine", "results"} <= set(doc)
     assert doc["hardware"]["bandwidth"] > 0 and doc["hardware"]["matmul_rate"] > 0
     assert [row["system"] for row in doc["results"]] == ["tfbackend[native]", "tfbackend[transformers]", "hf-generate"]
@@ -34,11 +38,8 @@ def test_throughput(tmp_path):
 
 
 def test_latency(tmp_path):
-    out = tmp_path / "t2.json"
-    args = ["bench", "latency", *COMMON, "--batch-size", "1,2", "--input-len", "8", "--output-len", "4",
-            "--num-iters", "1", "--output", str(out)]
-    assert main(args) == 0
-    rows = json.loads(out.read_text())["results"]
+    rows = bench(tmp_path, "latency", *COMMON, "--batch-size", "1,2", "--input-len", "8", "--output-len", "4",
+                 "--num-iters", "1")["results"]
     assert [(row["system"], row["batch_size"]) for row in rows] == [
         ("tfbackend[native]", 1), ("tfbackend[native]", 2),
         ("tfbackend[transformers]", 1), ("tfbackend[transformers]", 2),
@@ -50,11 +51,8 @@ def test_latency(tmp_path):
 
 def test_throughput_then_latency_on_the_same_engines(tmp_path):
     """``--latency-batch-size`` adds T2 rows after each engine's T1 (one start per engine for both)."""
-    out = tmp_path / "t1t2.json"
-    args = ["bench", "throughput", *COMMON, "--num-requests", "3", "--input-len-min", "4", "--input-len-max", "8",
-            "--output-len", "3", "--latency-batch-size", "1,2", "--output", str(out)]
-    assert main(args) == 0
-    doc = json.loads(out.read_text())
+    doc = bench(tmp_path, "throughput", *COMMON, "--num-requests", "3", "--input-len-min", "4", "--input-len-max", "8",
+                "--output-len", "3", "--latency-batch-size", "1,2")
     assert [(row["system"], row["scenario"], row.get("batch_size")) for row in doc["results"]] == [
         (system, scenario, batch) for system in ("tfbackend[native]", "tfbackend[transformers]")
         for scenario, batch in (("throughput", None), ("latency", 1), ("latency", 2))
@@ -75,11 +73,8 @@ def test_a_peer_that_cannot_run_the_model_is_reported_not_fatal(tmp_path, monkey
         raise ValueError("Invalid layer type: linear_attention")
 
     monkeypatch.setattr(peers, "hf_cb_throughput", refuse)
-    out = tmp_path / "t1.json"
-    args = ["bench", "throughput", *COMMON[:-1], "native", "--num-requests", "2", "--input-len-min", "4",
-            "--input-len-max", "8", "--output-len", "3", "--peers", "hf-generate,hf-cb", "--output", str(out)]
-    assert main(args) == 0
-    doc = json.loads(out.read_text())
+    doc = bench(tmp_path, "throughput", *COMMON[:-1], "native", "--num-requests", "2", "--input-len-min", "4",
+                "--input-len-max", "8", "--output-len", "3", "--peers", "hf-generate,hf-cb")
     assert [row["system"] for row in doc["results"]] == ["tfbackend[native]", "hf-generate"]
     assert doc["not_run"] == {"hf-cb": "ValueError: Invalid layer type: linear_attention"}
 
@@ -92,10 +87,7 @@ def test_an_implementation_that_declines_the_model_is_reported_and_the_others_ru
         raise registry.UnsupportedModelError("gives different results when a prompt is fed in two steps")
 
     monkeypatch.setattr(TransformersForCausalLM, "load", classmethod(decline))
-    out = tmp_path / "t2.json"
-    args = ["bench", "latency", *COMMON, "--batch-size", "1", "--input-len", "4", "--output-len", "3",
-            "--num-iters", "1", "--output", str(out)]
-    assert main(args) == 0
-    doc = json.loads(out.read_text())
+    doc = bench(tmp_path, "latency", *COMMON, "--batch-size", "1", "--input-len", "4", "--output-len", "3",
+                "--num-iters", "1")
     assert [row["system"] for row in doc["results"]] == ["tfbackend[native]"]
     assert "fed in two steps" in doc["not_run"]["tfbackend[transformers]"]
