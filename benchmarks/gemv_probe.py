@@ -95,7 +95,6 @@ def main() -> None:
             gb = n * k * 2 / 1e3
             print(f"{name:16} {m:>2} {dense_us:9.1f} {gb / dense_us:6.0f} {best[0]:9.1f} {gb / best[0]:6.0f} "
                   f"{best[0] / dense_us:6.2f}  {best[1]}")
-            del w
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ from tests.parallel_runs import NEW_TOKENS, compiled_forward_difference, generat
 from tests.tiny_models import hf_greedy, make_checkpoint
 from tfbackend.adapter import TransformersForCausalLM
 from tfbackend.distributed.launch import run_spmd
-from tfbackend.distributed.layers import ColumnParallelLinear
 from tfbackend.distributed.rendezvous import Rendezvous, free_port
 from tfbackend.fallback_fusion import FUSION_ENV, FusedLinears, LinearSlice, fuse_projections
 from tfbackend.hf_classes import load_hf_config
