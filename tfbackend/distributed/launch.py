@@ -108,8 +108,15 @@ class LocalRanks:
                     self.on_death(rank, process.exitcode)
                 return
 
+    def _after_watcher(self, timeout: float | None = None) -> None:
+        """Let the watching thread finish joining first. Two threads joining one forkserver process race for
+        its exit code on one pipe: the loser reads end-of-file and records 255 for a rank that exited with 0."""
+        if self._watcher.is_alive():
+            self._watcher.join(timeout)
+
     def wait(self) -> int:
         """Wait for every rank to exit; the worst exit code (0 if all succeeded)."""
+        self._after_watcher()  # it returns once every rank has exited, or at the first death
         codes = []
         for process in self.processes.values():
             process.join()
@@ -123,6 +130,7 @@ class LocalRanks:
     def stop(self, timeout: float = 10.0) -> None:
         """Let the ranks finish on their own within ``timeout`` seconds, then terminate, then kill them."""
         self._stopping.set()
+        self._after_watcher(timeout)
         for process in self.processes.values():
             process.join(timeout)
         for process in self.processes.values():
