@@ -12,10 +12,10 @@ import torch
 
 from tfbackend.quantization.fp8 import ActivationScheme, quantize_activation
 from tfbackend.quantization.fp8_linear import DECODE, SCALED_MM, fp8_gemm_for_tokens
-from tfbackend.quantization.kernels.fp8_decode_gemm import fp8_decode_gemm
-from tfbackend.quantization.kernels.fp8_gemm import fp8_gemm
-from tfbackend.quantization.kernels.fp8_quant import fp8_quantize_tokens
-from tfbackend.quantization.kernels.fp8_scaled_mm import fp8_scaled_mm
+from tfbackend.quantization.kernels.fp8_decode_gemm import fp8_decode_gemm_launch
+from tfbackend.quantization.kernels.fp8_gemm import fp8_gemm_launch
+from tfbackend.quantization.kernels.fp8_quant import fp8_quantize_tokens_launch
+from tfbackend.quantization.kernels.fp8_scaled_mm import fp8_scaled_mm_launch
 
 _STATIC = ActivationScheme(dynamic=False)
 
@@ -40,18 +40,20 @@ def fp8_linear(
 ) -> torch.Tensor:
     """``x[M, K] @ weight.T`` for an ``Fp8Linear`` (its fields, flattened): the input quantized per token (or
     token and ``activation_group`` features), or with the static ``input_scale`` when there is one, then the GEMM
-    ``fp8_gemm_for_tokens`` picks for M."""
+    ``fp8_gemm_for_tokens`` picks for M. It calls the kernels' launch functions, not their ops: one trip through
+    the dispatcher per linear, which matters in eager (prefill) steps."""
     path = fp8_gemm_for_tokens(x.shape[0], gemm_path, decode_max_tokens, small_batch_tokens)
     if path == DECODE:
-        return fp8_decode_gemm(x, weight, weight_scale, weight_block_n, weight_block_k, scale_ub, decode_counters,
-                               decode_block_n, decode_splits)
+        return fp8_decode_gemm_launch(x, weight, weight_scale, weight_block_n, weight_block_k, scale_ub,
+                                      decode_counters, decode_block_n, decode_splits)
     if path == SCALED_MM:
-        return fp8_scaled_mm(x, weight, row_scale, scale_ub, input_scale)
+        return fp8_scaled_mm_launch(x, weight, row_scale, scale_ub, input_scale)
     if input_scale is None:
-        x_q, x_scale = fp8_quantize_tokens(x, activation_group, scale_ub)
+        x_q, x_scale = fp8_quantize_tokens_launch(x, activation_group, scale_ub)
     else:
         x_q, x_scale = quantize_activation(x, _STATIC, input_scale)
-    return fp8_gemm(x_q, x_scale, activation_group, weight, weight_scale, weight_block_n, weight_block_k, x.dtype)
+    return fp8_gemm_launch(x_q, x_scale, activation_group, weight, weight_scale, weight_block_n, weight_block_k,
+                           x.dtype)
 
 
 @fp8_linear.register_fake

@@ -35,8 +35,9 @@ def _quantize_tokens_kernel(
     tl.store(scale_ptr + row * stride_sm + index, scale)
 
 
-@torch.library.custom_op("tfbackend::fp8_quantize_tokens", mutates_args=())
-def fp8_quantize_tokens(x: torch.Tensor, group_size: int, scale_ub: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+def fp8_quantize_tokens_launch(
+    x: torch.Tensor, group_size: int, scale_ub: float | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``x[M, K]`` -> (E4M3 ``[M, K]``, float32 scales ``[M, ceil(K / group_size)]``), as
     ``fp8.quantize_activation`` with a dynamic scheme computes them."""
     x = x if x.stride(1) == 1 else x.contiguous()
@@ -54,6 +55,12 @@ def fp8_quantize_tokens(x: torch.Tensor, group_size: int, scale_ub: float | None
         num_warps=max(1, min(16, block // 512)),
     )
     return codes, scales
+
+
+# As an op (opaque to torch.compile); code already inside an op calls the launch function, skipping the dispatcher.
+fp8_quantize_tokens = torch.library.custom_op(
+    "tfbackend::fp8_quantize_tokens", fp8_quantize_tokens_launch, mutates_args=()
+)
 
 
 @fp8_quantize_tokens.register_fake
