@@ -71,8 +71,8 @@ def add_parser(subparsers) -> None:
                             help="run T1 in a fresh process with empty compile caches, then in another with the "
                             "caches it left: startup, first-request latency and compilations after ready")
     throughput.add_argument("--latency-batch-size", type=_int_list, default=None,
-                            help="after T1, also T2 at these batch sizes (prompt 128, --output-len outputs, median of 3) "
-                                 "on the same engine, which saves a second start of a large model; tfbackend only")
+                            help="after T1, also T2 at these batch sizes (prompt 128, --output-len outputs, median "
+                                 "of 3) on the same engine, which saves a second start of a large model; tfbackend only")
     throughput.add_argument("--json-schema", type=Path, default=None,
                             help="also run each implementation with this JSON schema (a file) as every request's "
                             "structured output; needs a tokenizer (--tokenizer for --random-weights)")
@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
         model={"name": args.random_weights or str(args.model), "path": str(model_dir), "dtype": str(dtype),
                **dataclasses.asdict(cost.value)},
         workload={"scenario": args.scenario, **dataclasses.asdict(workload),
-                  **({"latency": dataclasses.asdict(_trailing_latency(args))} if _trailing_latency(args) else {})},
+                  **({"latency": dataclasses.asdict(trailing)} if (trailing := _trailing_latency(args)) else {})},
         engine={k: v for k, v in dataclasses.asdict(base).items() if k not in ("model", "tokenizer", "model_impl")},
         not_run=not_run,
     )

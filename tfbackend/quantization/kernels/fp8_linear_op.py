@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import torch
 
-from tfbackend.quantization.fp8 import ActivationScheme, quantize_activation
 from tfbackend.quantization.fp8_linear import DECODE, SCALED_MM, fp8_gemm_for_tokens
 from tfbackend.quantization.kernels.fp8_decode_gemm import fp8_decode_gemm_launch
 from tfbackend.quantization.kernels.fp8_gemm import fp8_gemm_launch
-from tfbackend.quantization.kernels.fp8_quant import fp8_quantize_tokens_launch
+from tfbackend.quantization.kernels.fp8_quant import quantize_input
 from tfbackend.quantization.kernels.fp8_scaled_mm import fp8_scaled_mm_launch
-
-_STATIC = ActivationScheme(dynamic=False)
 
 
 @torch.library.custom_op("tfbackend::fp8_linear", mutates_args=())
@@ -48,10 +45,7 @@ def fp8_linear(
                                       decode_counters, decode_block_n, decode_splits)
     if path == SCALED_MM:
         return fp8_scaled_mm_launch(x, weight, row_scale, scale_ub, input_scale)
-    if input_scale is None:
-        x_q, x_scale = fp8_quantize_tokens_launch(x, activation_group, scale_ub)
-    else:
-        x_q, x_scale = quantize_activation(x, _STATIC, input_scale)
+    x_q, x_scale = quantize_input(x, activation_group, scale_ub, input_scale)
     return fp8_gemm_launch(x_q, x_scale, activation_group, weight, weight_scale, weight_block_n, weight_block_k,
                            x.dtype)
 

@@ -13,7 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
-from tfbackend.quantization.fp8 import _MIN_SCALE, FP8_DTYPE, FP8_MAX
+from tfbackend.quantization.fp8 import _MIN_SCALE, FP8_DTYPE, FP8_MAX, ActivationScheme, quantize_activation
+
+_STATIC = ActivationScheme(dynamic=False)
 
 
 @triton.jit
@@ -67,3 +69,13 @@ fp8_quantize_tokens = torch.library.custom_op(
 def _(x, group_size, scale_ub):
     num_groups = -(-x.shape[1] // group_size)
     return x.new_empty(x.shape, dtype=FP8_DTYPE), x.new_empty(x.shape[0], num_groups, dtype=torch.float32)
+
+
+def quantize_input(
+    x: torch.Tensor, group_size: int, scale_ub: float | None, input_scale: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A linear's input as FP8 codes and float32 scales: per token (and ``group_size`` features) in one launch,
+    or with the checkpoint's static per-tensor ``input_scale`` when there is one."""
+    if input_scale is None:
+        return fp8_quantize_tokens_launch(x, group_size, scale_ub)
+    return quantize_activation(x, _STATIC, input_scale)

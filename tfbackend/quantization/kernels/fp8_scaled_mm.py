@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from tfbackend.quantization.fp8 import ActivationScheme, quantize_activation
-from tfbackend.quantization.kernels.fp8_quant import fp8_quantize_tokens_launch
-
-_STATIC = ActivationScheme(dynamic=False)
+from tfbackend.quantization.kernels.fp8_quant import quantize_input
 
 
 def fp8_scaled_mm_launch(
@@ -22,10 +19,7 @@ def fp8_scaled_mm_launch(
 ) -> torch.Tensor:
     """``x[M, K]`` (bf16) times ``weight[N, K]`` (E4M3) scaled by ``weight_scale[1, N]``: the input quantized per
     token (capped at ``scale_ub``), or with the static ``input_scale`` when given."""
-    if input_scale is None:
-        x_q, x_scale = fp8_quantize_tokens_launch(x, x.shape[1], scale_ub)
-    else:
-        x_q, x_scale = quantize_activation(x, _STATIC, input_scale)
+    x_q, x_scale = quantize_input(x, x.shape[1], scale_ub, input_scale)
     return torch._scaled_mm(x_q, weight.t(), scale_a=x_scale, scale_b=weight_scale, out_dtype=x.dtype)
 
 
