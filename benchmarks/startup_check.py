@@ -29,14 +29,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from tfbackend import LLM  # noqa: E402
-from tfbackend.bench.cold import compile_cache_env, run_cold_and_warm  # noqa: E402
-from tfbackend.bench.presets import random_checkpoint  # noqa: E402
-from tfbackend.bench.workloads import ThroughputWorkload, greedy  # noqa: E402
-from tfbackend.config import EngineConfig  # noqa: E402
+from tfbackend import LLM
+from tfbackend.bench.cold import compile_cache_env, run_cold_and_warm
+from tfbackend.bench.presets import random_checkpoint
+from tfbackend.bench.workloads import ThroughputWorkload, greedy
+from tfbackend.config import EngineConfig
 
 VOCAB = 128256
 T2_INPUT_LEN = 128
@@ -95,12 +95,12 @@ def main() -> int:
 
 def print_report(impl: str, runs, startup: float, rows) -> None:
     print(f"\n=================== startup check (llama-3.2-1b, random weights): {impl}")
-    print(f"  {'cache':6} {'ready s':>8} {'engine s':>9} {'compile':>8} {'warm up':>8} {'graphs':>7} "
+    print(f"  {'cache':6} {'ready s':>8} {'engine s':>9} {'load':>6} {'compile':>8} {'profile':>8} {'warm up':>8} {'graphs':>7} "
           f"{'1st req ms':>10} {'T1 tok/s':>9} {'compiled after ready':>21}")
     for run in runs:
         p = run.startup_phases
-        print(f"  {run.compile_cache:6} {run.startup_s:8.1f} {p['total']:9.1f} {p['compile']:8.1f} "
-              f"{p['warm up']:8.1f} {p['capture graphs']:7.1f} {run.first_request_s * 1e3:10.0f} "
+        print(f"  {run.compile_cache:6} {run.startup_s:8.1f} {p['total']:9.1f} {p['load weights']:6.1f} "
+              f"{p['compile']:8.1f} {p['profile memory']:8.1f} {p['warm up']:8.1f} {p['capture graphs']:7.1f} {run.first_request_s * 1e3:10.0f} "
               f"{run.throughput.output_tok_s:9,.0f} {run.compilations_after_ready:21d}")
     cold, warm = runs
     ratio = cold.throughput.output_tok_s / warm.throughput.output_tok_s

@@ -26,9 +26,15 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from tfbackend.attention import AttentionBackend, AttentionMetadata, ForwardContext, forward_context
+from tfbackend.attention import (
+    AttentionBackend,
+    AttentionMetadata,
+    ForwardContext,
+    forward_context,
+)
 from tfbackend.engine.compile_monitor import count_cuda_graph_capture
 from tfbackend.engine.device import resolve_placeholders
+from tfbackend.engine.piecewise_compile import piecewise_inductor
 from tfbackend.kv_cache import KVCache
 
 if TYPE_CHECKING:
@@ -42,8 +48,9 @@ GRAPH_SAFE_BACKENDS = ("triton",)
 class CompiledForward:
     """``model.forward`` through ``torch.compile``, which fuses the model's elementwise work (norms, RoPE,
     activations, residual adds) into a few Triton kernels: a graph of an HF model has some 40 kernels per
-    layer, and each costs GPU time and replay time however small. Attention is one opaque custom op, so the
-    whole model is one compiled graph, and one compilation serves every step size, one token included.
+    layer, and each costs GPU time and replay time however small. Attention is one opaque custom op, so dynamo
+    traces the whole model as one graph (Inductor compiles it piece by piece between the attention calls, so
+    that identical layers compile once), and one compilation serves every step size, one token included.
 
     The token dimension is marked *unbacked*: a dynamic size whose value dynamo never guards on. A plain
     dynamic size is specialized at 1 (a one-token step, the batch-1 decode, compiled a second graph: another
@@ -53,7 +60,9 @@ class CompiledForward:
     that fail too, the first call says so and the model runs as written from then on.
     """
 
-    backend = "inductor"  # torch.compile's backend; tests on a CPU use "eager" (tracing only, no code generation)
+    # torch.compile's backend: Inductor, piece by piece between attention calls (piecewise_compile.py); tests
+    # on a CPU use "eager" (tracing only, no code generation).
+    backend: Callable | str = staticmethod(piecewise_inductor)
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
@@ -66,7 +75,11 @@ class CompiledForward:
                 torch._dynamo.decorators.mark_unbacked(input_ids, 0)
                 torch._dynamo.decorators.mark_unbacked(positions, 0)
             try:
-                return self.compiled(input_ids, positions)
+                # The model's float attributes (norm epsilons, scales) are constants: specialized, dynamo
+                # need not lift them to tensors, and a compile does not restart to specialize them after all
+                # (that restart traced and compiled the model twice).
+                with torch._dynamo.config.patch(specialize_float=True):
+                    return self.compiled(input_ids, positions)
             except torch._dynamo.exc.TorchDynamoException as error:
                 name = type(self.model).__name__
                 if self.unbacked_tokens:
