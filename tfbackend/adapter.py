@@ -223,7 +223,10 @@ class TransformersForCausalLM(CausalLM):
     def _check_cache_windows(self, sites: dict[nn.Module, list[CallSite]]) -> None:
         """Refuse a model whose own HF cache keeps only a window of keys that its attention mask does not
         apply (Moshi): ``generate`` then decodes over fewer keys than it prefills over, which a paged cache
-        holding what the mask allows cannot reproduce; the compat tier, running HF's cache, does."""
+        holding what the mask allows cannot reproduce; the compat tier, running HF's cache, does.
+
+        A chunked mask no longer than the cache's window is applied (Llama 4): a query sees only its own chunk,
+        which always lies within the last ``chunk_size`` keys, so HF's window drops nothing the mask allows."""
         if not self.hf_model._supports_default_dynamic_cache():
             return
         try:
@@ -235,7 +238,10 @@ class TransformersForCausalLM(CausalLM):
             if not isinstance(layer_idx, int) or not 0 <= layer_idx < len(cache_layers):
                 continue
             cache_layer = cache_layers[layer_idx]
-            if getattr(cache_layer, "is_sliding", False) and any(site.sliding_window is None for site in module_sites):
+            if getattr(cache_layer, "is_sliding", False) and any(
+                site.sliding_window is None and (site.chunk_size is None or site.chunk_size > cache_layer.sliding_window)
+                for site in module_sites
+            ):
                 raise UnsupportedModelError(
                     f"{type(self.hf_model).__name__}'s cache keeps only the last {cache_layer.sliding_window} keys "
                     f"of layer {layer_idx}, a window its attention mask does not apply: HF decodes over fewer keys "
