@@ -4,12 +4,11 @@ Compiled as one graph, a decoder costs Inductor the lowering, scheduling and cod
 (most of a cold start: ~30 s for a 16-layer model on an H100). Yet between two attention calls every layer
 runs the same code on its own weights (output projection, residual, norm, MLP, the next layer's norm, QKV
 projection, rotary). Split at the attention calls, which are opaque ops Inductor fuses nothing across
-anyway, the pieces between them are one graph up to their inputs' names; AOTAutograd renames the inputs, and
-Inductor's FX graph cache, keyed by the graph it receives, compiles the first such piece and serves the
-others from its cache (within this very compile, cache empty or not). A cold compile then costs the first
-piece, one layer's piece and the last piece, and the generated code is what the whole-graph compile would
-have produced for each piece. Dynamo still traces the model once, so guards and the unbacked token count
-work as before.
+anyway, the pieces between them are one graph up to their inputs' names (``piece_signature``): each distinct
+piece is compiled once and the identical ones share its compiled function, each call passing its own
+weights. A compile then costs three pieces (before the first attention call, one layer's, after the last),
+cold or warm, and the generated code is what the whole-graph compile produces for each piece. Dynamo still
+traces the model once, so guards and the unbacked token count work as before.
 """
 
 from __future__ import annotations
@@ -76,24 +75,48 @@ def _compile_pieces(split: fx.GraphModule, example_inputs: Sequence[Any], target
     fake_inputs = [fake_mode.from_tensor(x) if isinstance(x, torch.Tensor) and not isinstance(x, FakeTensor)
                    else x for x in example_inputs]
     start, hits_before = time.perf_counter(), counters["inductor"]["fxgraph_cache_hit"]
-    pieces = compiled = 0
+    pieces = 0
+    compiled: dict[str, Callable[..., Any]] = {}  # by signature: one compile per distinct piece
 
     class CompilePieces(fx.Interpreter):
         def call_module(self, target, args, kwargs):
-            nonlocal pieces, compiled
+            nonlocal pieces
             piece = self.fetch_attr(target)
             out = super().call_module(target, args, kwargs)
             pieces += 1
             if not any(node.op == "call_function" and node.target in targets for node in piece.graph.nodes):
+                signature = piece_signature(piece, args)
+                if signature not in compiled:
+                    compiled[signature] = compile_fx(piece, list(args))
                 # The instance attribute shadows the registered submodule: the split graph's code calls
                 # ``self.<target>(...)``, and a compiled function cannot be registered as a module.
-                split.__dict__[target] = compile_fx(piece, list(args))
-                compiled += 1
+                split.__dict__[target] = compiled[signature]
             return out
 
     # As dynamo propagates fakes: composite ops (a linear over [1, T, H]) decompose in Python, where sizes
     # may be symbolic, instead of in C++, which would ask a symbolic size for its value.
     with fake_mode, enable_python_dispatcher():
         CompilePieces(split).run(*fake_inputs)
-    logger.info("piecewise compile: %d pieces, %d compiled by Inductor (%d from its cache) in %.1f s", pieces,
-                compiled, counters["inductor"]["fxgraph_cache_hit"] - hits_before, time.perf_counter() - start)
+    logger.info("piecewise compile: %d pieces, %d distinct compiled by Inductor (%d from its cache) in %.1f s",
+                pieces, len(compiled), counters["inductor"]["fxgraph_cache_hit"] - hits_before,
+                time.perf_counter() - start)
+
+
+def piece_signature(piece: fx.GraphModule, inputs: Sequence[Any]) -> str:
+    """What a piece computes, up to its inputs' names: pieces with one signature compile to the same code, so
+    they share one compiled function (each call passes its own weights). Its nodes in order, each with its op,
+    target and arguments (earlier nodes by position), then its inputs' dtypes, sizes, strides and devices."""
+    position: dict[fx.Node, str] = {}
+    lines = []
+    for node in piece.graph.nodes:
+        position[node] = f"%{len(position)}"
+        target = "" if node.op == "placeholder" else repr(node.target)  # a placeholder's target is its name
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), position.__getitem__)
+        lines.append(f"{node.op} {target} {args!r} {kwargs!r}")
+    for value in inputs:
+        if isinstance(value, torch.Tensor):
+            lines.append(f"tensor {value.dtype} {value.device} {tuple(map(str, value.shape))} "
+                         f"{tuple(map(str, value.stride()))} {value.storage_offset()}")
+        else:
+            lines.append(f"{type(value).__name__} {value}")
+    return "\n".join(lines)
