@@ -10,7 +10,7 @@ from contextlib import contextmanager
 logger = logging.getLogger(__name__)
 
 # The phases in the order the engine runs them; each logs one line, skipped ones too.
-PHASES = ("resolve", "load weights", "compile", "profile memory", "warm up", "capture graphs")
+PHASES = ("resolve", "init device", "load weights", "compile", "profile memory", "warm up", "capture graphs")
 
 
 class StartupReport:

@@ -77,6 +77,11 @@ class Worker:
         self.dtype = config.torch_dtype(hf_config, self.device)
         self.max_model_len = max_model_len(hf_config, config.max_model_len)
         torch.manual_seed(config.seed)
+        if self.device.type == "cuda":
+            with self.startup.phase("init device"):  # the CUDA context: the first kernel creates it
+                torch.zeros(1, device=self.device).add_(1).cpu()
+        else:
+            self.startup.skip("init device", f"no context to create on {self.device.type}")
         with self.startup.phase("load weights"), use_parallel(parallel):
             self.model, resolved = load_model(
                 model_dir, hf_config, config.model_impl, self.dtype, self.device, config.quantization
