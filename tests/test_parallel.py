@@ -86,9 +86,10 @@ def test_check_compares_implementations_under_tensor_parallelism(tmp_path, capsy
 
 
 @pytest.mark.parametrize("model_type, model_impl", [("llama", "native"), ("mixtral", "transformers")])
-def test_tensor_parallel_model_compiles_as_one_graph(model_type, model_impl, tmp_path):
+def test_tensor_parallel_model_compiles_as_one_graph(model_type, model_impl, tmp_path, monkeypatch):
     """What CUDA graphs capture on a GPU is the compiled forward: with its all-reduces (and, for the MoE, the
     experts' output hook) it must trace as one graph and compute what the eager model computes."""
     make_checkpoint(model_type, tmp_path)
     rendezvous = Rendezvous("127.0.0.1", free_port(), 2, 1, 1, "cpu")
-    assert run_spmd(compiled_forward_difference, (tmp_path, model_impl), rendezvous) == 0.0
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # the ranks compile afresh
+    assert run_spmd(compiled_forward_difference, (tmp_path, model_impl), rendezvous) < 1e-4
