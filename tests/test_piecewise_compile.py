@@ -103,3 +103,18 @@ def test_pieces_differing_only_in_their_inputs_names_share_a_signature():
     assert piece_signature(first, [w, x]) != piece_signature(first, [w, x[:2]])  # other input sizes
     other = make_fx(lambda weight, x: torch.nn.functional.gelu(x @ weight.t()) + x)(w, x)
     assert piece_signature(first, [w, x]) != piece_signature(other, [w, x])  # other computation
+
+
+def test_pieces_embedding_different_constants_do_not_share_code():
+    class Scaled(torch.nn.Module):
+        def __init__(self, scale: float):
+            super().__init__()
+            self.register_buffer("scale", torch.tensor(scale))
+
+        def forward(self, x):
+            return x * self.scale
+
+    x = torch.randn(3)
+    first, second = (torch.fx.symbolic_trace(Scaled(s)) for s in (2.0, 3.0))
+    assert any(node.op == "get_attr" for node in first.graph.nodes)
+    assert piece_signature(first, [x]) != piece_signature(second, [x])

@@ -14,6 +14,7 @@ traces the model once, so guards and the unbacked token count work as before.
 from __future__ import annotations
 
 import logging
+import operator
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -110,7 +111,12 @@ def piece_signature(piece: fx.GraphModule, inputs: Sequence[Any]) -> str:
     lines = []
     for node in piece.graph.nodes:
         position[node] = f"%{len(position)}"
-        target = "" if node.op == "placeholder" else repr(node.target)  # a placeholder's target is its name
+        if node.op == "placeholder":
+            target = ""  # its target is its name
+        elif node.op == "get_attr":  # a tensor the compiled code embeds: pieces share code only if they share it
+            target = f"{node.target} id {id(operator.attrgetter(node.target)(piece))}"
+        else:
+            target = repr(node.target)
         args, kwargs = fx.node.map_arg((node.args, node.kwargs), position.__getitem__)
         lines.append(f"{node.op} {target} {args!r} {kwargs!r}")
     for value in inputs:
