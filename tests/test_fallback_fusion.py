@@ -154,11 +154,13 @@ def test_a_fusion_the_forward_cannot_take_is_undone():
     torch.testing.assert_close(module(hidden), reference, rtol=0, atol=0)
 
 
-def test_fused_model_traces_as_one_graph(tmp_path):
+def test_fused_model_traces_as_one_graph(tmp_path, monkeypatch):
     """The GPU path compiles the forward and captures it in CUDA graphs: the fused GEMMs and their per-call state
-    must trace without a graph break (``fullgraph``) and compute what the eager model computes."""
+    must trace without a graph break (``fullgraph``) and compute what the eager model computes (up to Inductor's
+    own float rounding)."""
     make_checkpoint("llama", tmp_path)
-    assert compiled_forward_difference(tmp_path, "transformers") == 0.0
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    assert compiled_forward_difference(tmp_path, "transformers") < 1e-4
 
 
 def _fused_shards(model_dir) -> list[tuple[tuple[str, ...], list[int]]]:
