@@ -38,11 +38,11 @@ def generate(
         llm.engine.shutdown()
 
 
-def compiled_forward_difference(model_dir: Path, model_impl: str) -> float:
+def compiled_forward_difference(model_dir: Path, model_impl: str, backend: str | None = None) -> float:
     """Run on every rank (``run_spmd``): this rank's share of the model, eager and through
-    ``torch.compile(fullgraph=True)`` (a graph break, e.g. at a collective, raises) with the GPU's backend,
-    Inductor piece by piece between the attention calls (generating C++ here); the largest difference of their
-    hidden states for one prefill."""
+    ``torch.compile(fullgraph=True)`` (a graph break, e.g. at a collective, raises); the largest difference of
+    their hidden states for one prefill. ``backend``: torch.compile's; by default the GPU's, Inductor piece by
+    piece between the attention calls (generating C++ here)."""
     from tfbackend.engine.piecewise_compile import piecewise_inductor
     from tfbackend.attention import ForwardContext, forward_context, metadata_for_chunks
     from tfbackend.attention.torch_backend import TorchAttentionBackend
@@ -52,7 +52,7 @@ def compiled_forward_difference(model_dir: Path, model_impl: str) -> float:
 
     model, _ = load_model(model_dir, load_hf_config(model_dir, False), model_impl, torch.float32, torch.device("cpu"))
     spec = KVCacheSpec(tuple(model.attention_layers()), torch.float32, 4)
-    compiled = torch.compile(model.forward, dynamic=True, fullgraph=True, backend=piecewise_inductor)
+    compiled = torch.compile(model.forward, dynamic=True, fullgraph=True, backend=backend or piecewise_inductor)
     hidden = []
     for forward in (model.forward, compiled):
         block_tables = torch.arange(4, dtype=torch.int32)[None]
