@@ -43,9 +43,9 @@ def compiled_forward_difference(model_dir: Path, model_impl: str, backend: str |
     ``torch.compile(fullgraph=True)`` (a graph break, e.g. at a collective, raises); the largest difference of
     their hidden states for one prefill. ``backend``: torch.compile's; by default the GPU's, Inductor piece by
     piece between the attention calls (generating C++ here)."""
-    from tfbackend.engine.piecewise_compile import piecewise_inductor
     from tfbackend.attention import ForwardContext, forward_context, metadata_for_chunks
     from tfbackend.attention.torch_backend import TorchAttentionBackend
+    from tfbackend.engine.piecewise_compile import piecewise_inductor
     from tfbackend.hf_classes import load_hf_config
     from tfbackend.kv_cache import KVCache
     from tfbackend.registry import load_model
