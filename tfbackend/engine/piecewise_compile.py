@@ -45,7 +45,7 @@ def piecewise_inductor(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Cal
     if not cuts:
         return compile_fx(gm, list(example_inputs))
     split = _split_at(gm, set(cuts))
-    _compile_pieces(split, example_inputs, targets, compile_fx)
+    _compile_pieces(split, example_inputs, targets)
     return split
 
 
@@ -64,11 +64,11 @@ def _split_at(gm: fx.GraphModule, cuts: set[fx.Node]) -> fx.GraphModule:
     return split_module(gm, None, lambda node: piece_of[node], keep_original_order=True)
 
 
-def _compile_pieces(split: fx.GraphModule, example_inputs: Sequence[Any], targets: tuple[Any, ...],
-                    compile_fx: Callable[..., Any]) -> None:
+def _compile_pieces(split: fx.GraphModule, example_inputs: Sequence[Any], targets: tuple[Any, ...]) -> None:
     """Run ``split`` on fake inputs, compiling each piece without a cut on the fake inputs it receives."""
     from torch._dispatch.python import enable_python_dispatcher
     from torch._dynamo.utils import counters, detect_fake_mode
+    from torch._inductor.compile_fx import compile_fx
     from torch._subclasses.fake_tensor import FakeTensor
 
     fake_mode = detect_fake_mode(example_inputs)

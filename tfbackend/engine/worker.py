@@ -79,7 +79,7 @@ class Worker:
         torch.manual_seed(config.seed)
         if self.device.type == "cuda":
             with self.startup.phase("init device"):  # the CUDA context: the first kernel creates it
-                torch.zeros(1, device=self.device).add_(1).cpu()
+                torch.zeros(1, device=self.device).cpu()
         else:
             self.startup.skip("init device", f"no context to create on {self.device.type}")
         with self.startup.phase("load weights"), use_parallel(parallel):
