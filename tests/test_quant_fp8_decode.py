@@ -9,6 +9,7 @@ Its speed is ``benchmarks/gpu_quant_check.py``'s (the fp8-ch/dec and fp8-blk/dec
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 # The interpreter is chosen when a kernel is defined, so this must come before the kernels are imported.
@@ -36,7 +37,6 @@ from tfbackend.quantization.fp8_linear import (  # noqa: E402
     TRITON,
     Fp8Format,
     Fp8Linear,
-    decode_tokens_by_default,
     fp8_decode_applies,
     fp8_gemm_for_tokens,
 )
@@ -86,6 +86,20 @@ def test_decode_gemm_matches_the_quantized_reference(num_tokens, grid_kind, sche
     assert not counters.any()  # left as found: the next launch (or CUDA-graph replay) starts from zero
 
 
+@pytest.mark.parametrize("block", [(200, 700), None, (128, 256)], ids=["per-tensor", "per-channel", "blocks"])
+@pytest.mark.parametrize("splits", [1, 2], ids=["whole-K", "split-K"])
+@pytest.mark.parametrize("block_k", [128, 256])
+def test_one_token_gemv_form_matches_the_quantized_reference(block, splits, block_k):
+    """The GEMV form (one token, no padded tl.dot rows) and wider K steps compute the same product."""
+    x = activations(1, 700, seed=7)
+    weight, grid = quantize_weight(random(200, 700, seed=8), block)
+    counters = decode_counters(200, CPU)
+    out = fp8_decode_gemm(x.float(), weight, grid.scale, grid.block_n, grid.block_k, None, counters,
+                          32, splits, block_k, 4, 3, True)
+    torch.testing.assert_close(out, reference(x, weight, grid, PER_TOKEN), rtol=1e-5, atol=1e-4)
+    assert not counters.any()
+
+
 @pytest.mark.parametrize("num_tokens", [1, 3, 16])
 @pytest.mark.parametrize("scheme", [PER_TOKEN, CAPPED], ids=["per-token", "capped"])
 def test_in_kernel_codes_are_quantize_activations_bit_for_bit(num_tokens, scheme):
@@ -111,6 +125,8 @@ def test_decode_gemm_refuses_what_it_cannot_run():
     weight, grid = quantize_weight(random(64, 256, seed=5), block=(64, 64))
     with pytest.raises(ValueError, match="not multiples of 128"):
         fp8_decode_gemm(random(1, 256), weight, grid.scale, 64, 64, None, decode_counters(64, CPU), 64, 1)
+    with pytest.raises(ValueError, match="multiple of 128"):
+        fp8_decode_gemm(random(1, 256), weight, grid.scale, 64, 256, None, decode_counters(64, CPU), 64, 1, 192)
     with pytest.raises(ValueError, match="at most 64 tokens"):
         fp8_decode_gemm(random(65, 256), weight, grid.scale, 64, 256, None, decode_counters(64, CPU), 64, 1)
 
@@ -122,18 +138,23 @@ LLAMA_8B = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "d
 
 
 @pytest.mark.parametrize("name", LLAMA_8B)
-def test_decode_tiles_give_every_sm_work_and_each_split_several_steps(name):
+def test_decode_tiles_keep_a_quarter_of_the_sms_busy_and_each_split_several_steps(name):
     out_features, in_features = LLAMA_8B[name]
     tiles = decode_tiles(out_features, in_features, H100_SMS)
     programs = -(-out_features // tiles.block_n) * tiles.splits
-    assert H100_SMS <= programs <= 3 * H100_SMS
-    assert -(-in_features // DECODE_BLOCK_K) // tiles.splits >= 4
+    assert H100_SMS // 4 <= programs <= 2 * H100_SMS
+    assert -(-in_features // tiles.block_k) // tiles.splits >= 4
+    assert tiles.block_k % DECODE_BLOCK_K == 0
 
 
-def test_wide_outputs_take_wide_tiles_and_narrow_ones_split_k():
-    assert decode_tiles(28672, 4096, H100_SMS) == DecodeTiles(128, 1)  # 224 tiles already
-    assert decode_tiles(4096, 4096, H100_SMS) == DecodeTiles(64, 4)  # 64 tiles x 4 splits
+def test_decode_tiles_follow_the_h100_measurements():
+    """benchmarks/fp8_decode_probe.py's winners for Llama-3.1-8B on an H100 (132 SMs)."""
+    assert decode_tiles(28672, 4096, H100_SMS) == DecodeTiles(128, 1, 256, 8, 4, gemv=True)  # wide: GEMV
+    assert decode_tiles(6144, 4096, H100_SMS) == DecodeTiles(128, 1, 256, 4, 4)  # 48 tiles, no split
+    assert decode_tiles(4096, 4096, H100_SMS) == DecodeTiles(128, 2, 256, 4, 4)  # 32 tiles x 2 splits
+    assert decode_tiles(4096, 14336, H100_SMS) == DecodeTiles(64, 2, 256, 8, 4)  # long K: 64 tiles x 2 splits
     assert decode_tiles(4096, 256, H100_SMS).splits == 1  # 2 K steps: nothing to split
+    assert decode_tiles(4096, 256, H100_SMS).block_k == DECODE_BLOCK_K
 
 
 # ---- which layers and batches take it -----------------------------------------------------------------------------
@@ -164,10 +185,12 @@ def fp8_layer(activation: ActivationScheme, block: tuple[int, int] | None, dtype
     return layer
 
 
-def test_by_default_a_single_token_of_a_long_k_layer_takes_the_decode_gemm():
-    """What the H100 measured (fp8_linear.SMALL_BATCH_TOKENS): split-K pays where K >= 2N, for one token."""
-    assert decode_tokens_by_default(14336, 4096) == DECODE_MAX_TOKENS == 1
-    assert decode_tokens_by_default(4096, 4096) == decode_tokens_by_default(4096, 28672) == 0
+def test_by_default_a_single_token_takes_the_decode_gemm():
+    """What the H100 measured (fp8_linear.SMALL_BATCH_TOKENS): one token, any projection shape."""
+    assert DECODE_MAX_TOKENS == 1
+    layer = fp8_layer(PER_TOKEN, None, torch.bfloat16)
+    layer.use_gemm(SCALED_MM)
+    assert [layer.gemm_for_tokens(n) for n in (1, 2)] == [DECODE, TRITON]
 
 
 @pytest.mark.parametrize("path", [SCALED_MM, TRITON])
@@ -180,9 +203,9 @@ def test_small_batches_take_the_decode_then_the_triton_gemm_and_larger_ones_the_
 
 @pytest.mark.parametrize("path", [SCALED_MM, TRITON])
 def test_a_layer_follows_the_small_batch_rule_its_shape_and_scales_allow(path):
-    layer = fp8_layer(PER_TOKEN, None, torch.bfloat16)  # K = 256 < 2 x N = 400: no decode GEMM by default
+    layer = fp8_layer(PER_TOKEN, None, torch.bfloat16)
     layer.use_gemm(path)
-    assert [layer.gemm_for_tokens(n) for n in (1, SMALL_BATCH_TOKENS + 1)] == [TRITON, path]
+    assert [layer.gemm_for_tokens(n) for n in (1, 2, SMALL_BATCH_TOKENS + 1)] == [DECODE, TRITON, path]
     layer.use_gemm(path, decode_max_tokens=3)
     assert [layer.gemm_for_tokens(n) for n in (3, 4)] == [DECODE, TRITON]
     layer.use_gemm(path, decode_max_tokens=0, small_batch_tokens=0)
@@ -196,11 +219,13 @@ def test_grouped_activations_never_take_the_decode_gemm():
 
 
 @pytest.mark.parametrize("block", [None, (128, 128)], ids=["per-channel", "blocks"])
-def test_a_layers_decode_batch_matches_its_reference(block):
+@pytest.mark.parametrize("num_tokens, gemv", [(1, False), (1, True), (5, True)])
+def test_a_layers_decode_batch_matches_its_reference(block, num_tokens, gemv):
     layer = fp8_layer(CAPPED, block, torch.float32)
     layer.use_gemm(TRITON, decode_max_tokens=16)
-    x = activations(5, 256, seed=22).float()
-    assert layer.gemm_for_tokens(5) == DECODE
+    layer.decode_tiles = dataclasses.replace(layer.decode_tiles, gemv=gemv)  # GEMV: one token only, else tl.dot
+    x = activations(num_tokens, 256, seed=22).float()
+    assert layer.gemm_for_tokens(num_tokens) == DECODE
     torch.testing.assert_close(layer.apply_gpu(x), layer.apply_reference(x), rtol=1e-5, atol=1e-4)
 
 

@@ -13,6 +13,7 @@ the same way (``fp8.quantize_activation``) and multiplies the dequantized operan
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -40,17 +41,15 @@ SCALED_MM, TRITON, DECODE = "scaled_mm", "triton", "decode"
 # / bf16 F.linear at 1-16 tokens): the Triton GEMM, with its separate quantizer launch, beats torch._scaled_mm on
 # every projection (q/k/v 0.63-0.65x against 0.98-1.03x, o 1.22-1.37x against 1.61-1.79x, gate/up 0.56-0.58x
 # against 0.59-0.65x, down 0.98-1.00x against 1.12-1.19x; at 32 tokens they are level), so layers that take
-# _scaled_mm hand batches of up to SMALL_BATCH_TOKENS tokens to it. The one-launch decode GEMM beats both only for
-# a single token of a layer whose K is at least twice its N (down: 0.80x), where few column tiles need split-K;
-# on the other projections, and from 4 tokens on, each of its programs repeating the tokens' absmax and
-# quantization costs more than the launch it saves.
+# _scaled_mm hand batches of up to SMALL_BATCH_TOKENS tokens to it. A single token takes the one-launch decode GEMM
+# on every projection, tiled per shape (tiles.decode_tiles): with the weights streamed from HBM, as in a decode
+# step, it took 15.1 / 14.1 / 45.6 / 30.8 us for q/k/v, o, gate/up and down against the Triton GEMM's (down: the
+# untuned decode GEMM's) 17.0 / 15.3 / 54.1 / 35.6 (benchmarks/fp8_decode_probe.py, 2026-11-28). From 4 tokens
+# on, each of its programs repeating the tokens' absmax and quantization costs more than the launch it saves.
 SMALL_BATCH_TOKENS = 16
 DECODE_MAX_TOKENS = 1
-
-
-def decode_tokens_by_default(in_features: int, out_features: int) -> int:
-    """Most tokens a layer of this shape hands to the decode GEMM (where its scales allow it) by default."""
-    return DECODE_MAX_TOKENS if in_features >= 2 * out_features else 0
+# What a layer without the decode GEMM passes for its tiling (never used).
+_NO_DECODE_TILES = DecodeTiles(0, 0)
 
 
 def fp8_gemm_for_tokens(num_tokens: int, gemm_path: str, decode_max_tokens: int, small_batch_tokens: int) -> str:
@@ -186,7 +185,7 @@ class Fp8Linear(QuantizedLinear):
                  small_batch_tokens: int = SMALL_BATCH_TOKENS) -> None:
         """Run the GPU GEMM ``path`` (``fp8_gemm_path``'s choice at load; benchmarks also force ``TRITON``); the
         decode GEMM for batches of up to ``decode_max_tokens`` tokens where it applies (None: the measured
-        default, ``decode_tokens_by_default``; 0: never); and, on a ``SCALED_MM`` layer, the Triton GEMM for
+        default, ``DECODE_MAX_TOKENS``; 0: never); and, on a ``SCALED_MM`` layer, the Triton GEMM for
         batches of up to ``small_batch_tokens`` (0: never)."""
         # The kernels' modules register their torch.ops (and import Triton) only where a GPU runs them.
         import tfbackend.quantization.kernels.fp8_linear_op  # noqa: F401
@@ -195,7 +194,7 @@ class Fp8Linear(QuantizedLinear):
         self.gemm_path = path
         self.small_batch_tokens = small_batch_tokens
         if decode_max_tokens is None:
-            decode_max_tokens = decode_tokens_by_default(self.in_features, self.out_features)
+            decode_max_tokens = DECODE_MAX_TOKENS
         applies = fp8_decode_applies(self.grid, self.format.activation, self.in_features)
         self.decode_max_tokens = min(decode_max_tokens, DECODE_TOKEN_LIMIT) if applies else 0
         if self.decode_max_tokens:
@@ -204,7 +203,10 @@ class Fp8Linear(QuantizedLinear):
             device = self.weight.device
             # On CPU (the Triton interpreter, in tests) programs run one by one; 4 "SMs" give split-K work to test.
             num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-            self.decode_tiles = decode_tiles(self.out_features, self.in_features, num_sms)
+            tiles = decode_tiles(self.out_features, self.in_features, num_sms)
+            if self.grid.block_k < self.in_features and self.grid.block_k % tiles.block_k:
+                tiles = dataclasses.replace(tiles, block_k=DECODE_BLOCK_K)  # a K step must not straddle scale blocks
+            self.decode_tiles = tiles
             self.decode_counters = decode_counters(self.out_features, device)
 
     def gemm_for_tokens(self, num_tokens: int) -> str:
@@ -222,10 +224,11 @@ class Fp8Linear(QuantizedLinear):
 
     def apply_gpu(self, x: torch.Tensor) -> torch.Tensor:
         activation = self.format.activation
-        tiles = self.decode_tiles
+        tiles = self.decode_tiles or _NO_DECODE_TILES
         return torch.ops.tfbackend.fp8_linear(
             x, self.weight, self.grid.scale, self.grid.block_n, self.grid.block_k, self.row_scale,
             None if activation.dynamic else self.input_scale, activation.group_size or self.in_features,
             activation.scale_ub, self.gemm_path, self.decode_max_tokens, self.small_batch_tokens,
-            self.decode_counters, tiles.block_n if tiles else 0, tiles.splits if tiles else 0,
+            self.decode_counters, tiles.block_n, tiles.splits, tiles.block_k, tiles.num_warps, tiles.num_stages,
+            tiles.gemv,
         )

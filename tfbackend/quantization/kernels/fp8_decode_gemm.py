@@ -19,7 +19,10 @@ kernel is built to keep every SM streaming and to launch once:
   and puts the counter back to zero. The counters (``tile_counters``) are owned by the layer, allocated zeroed
   once; every launch leaves them zero, so CUDA graphs replay the kernel as captured. Launches that share counters
   must not run concurrently (one stream per layer, as the engine runs).
-- ``tl.dot`` needs 16 rows: fewer tokens are padded with zero codes (masked loads, no work).
+- ``tl.dot`` needs 16 rows: fewer tokens are padded with zero codes (masked loads, no work). A single token may
+  instead take the GEMV form (``gemv``): the weight tile converted to float32, multiplied by the codes and summed
+  over K on the CUDA cores, with no padded rows; which form streams faster, and with which tiles, warps and
+  pipeline depth, is measured per shape (``benchmarks/fp8_decode_probe.py``) and chosen by ``tiles.decode_tiles``.
 
 Weight scales: any grid whose scale is constant over each 128-wide K step (per tensor, per channel, or
 ``block_k`` a multiple of 128); a grid that changes along K scales each step's partial product before it is
@@ -33,7 +36,7 @@ import triton
 import triton.language as tl
 
 from tfbackend.quantization.fp8 import _MIN_SCALE, FP8_MAX
-from tfbackend.quantization.kernels.tiles import DECODE_BLOCK_K, DECODE_MIN_BLOCK_N, DECODE_TOKEN_LIMIT
+from tfbackend.quantization.kernels.tiles import DECODE_BLOCK_K, DECODE_NARROWEST_BLOCK_N, DECODE_TOKEN_LIMIT
 
 # tl.dot's smallest row count.
 _DOT_ROWS = 16
@@ -44,7 +47,7 @@ _ROW_ELEMENTS = 8192
 
 def decode_counters(out_features: int, device: torch.device) -> torch.Tensor:
     """Zeroed per-tile arrival counters for a layer of ``out_features`` (enough for any ``decode_tiles``)."""
-    return torch.zeros(triton.cdiv(out_features, DECODE_MIN_BLOCK_N), dtype=torch.int32, device=device)
+    return torch.zeros(triton.cdiv(out_features, DECODE_NARROWEST_BLOCK_N), dtype=torch.int32, device=device)
 
 
 @triton.jit
@@ -52,7 +55,7 @@ def _fp8_decode_gemm_kernel(
     x_ptr, w_ptr, w_scale_ptr, out_ptr, codes_ptr, partial_ptr, counter_ptr,
     M, N, K, stride_xm, stride_wn, stride_wsn, stride_om, stride_cm,
     w_block_n, w_block_k, scale_ub, steps_per_split,
-    HAS_UB: tl.constexpr, PER_STEP_SCALES: tl.constexpr, SPLITS: tl.constexpr,
+    HAS_UB: tl.constexpr, PER_STEP_SCALES: tl.constexpr, SPLITS: tl.constexpr, GEMV: tl.constexpr,
     TOKENS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ROW_BLOCK: tl.constexpr, FP8_MAX_VALUE: tl.constexpr, MIN_SCALE: tl.constexpr,
 ):
@@ -96,16 +99,21 @@ def _fp8_decode_gemm_kernel(
     w_ptrs = w_ptr + offs_n[None, :].to(tl.int64) * stride_wn + (k_begin + offs_k)[:, None]
     w_scale_rows = w_scale_ptr + (offs_n // w_block_n) * stride_wsn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    code_ptrs = codes_ptr + k_begin + offs_k  # GEMV: the one token's codes
     for k0 in range(k_begin, k_end, BLOCK_K):
         k_mask = offs_k < K - k0
-        a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=n_mask[None, :] & k_mask[:, None], other=0.0)
-        if PER_STEP_SCALES:
-            w_s = tl.load(w_scale_rows + k0 // w_block_k, mask=n_mask, other=0.0)
-            acc += tl.dot(a, w) * w_s[None, :]
+        if GEMV:
+            a = tl.load(code_ptrs, mask=k_mask, other=0.0).to(tl.float32)
+            product = tl.sum(w.to(tl.float32) * a[:, None], axis=0)[None, :]
         else:
-            acc = tl.dot(a, w, acc)
+            a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            product = tl.dot(a, w)
+        if PER_STEP_SCALES:
+            product = product * tl.load(w_scale_rows + k0 // w_block_k, mask=n_mask, other=0.0)[None, :]
+        acc += product
         a_ptrs += BLOCK_K
+        code_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
 
     out_mask = row_mask[:, None] & n_mask[None, :]
@@ -151,25 +159,32 @@ def fp8_decode_gemm_launch(
     tile_counters: torch.Tensor,
     block_n: int,
     splits: int,
+    block_k: int = DECODE_BLOCK_K,
+    num_warps: int = 4,
+    num_stages: int = 4,
+    gemv: bool = False,
 ) -> torch.Tensor:
     """``x[M, K]`` quantized per token (absmax capped at ``scale_ub``) times the E4M3 ``weight[N, K]`` with its
-    scale grid, in ``x.dtype``; M at most ``DECODE_TOKEN_LIMIT``. ``block_n`` and ``splits`` come from
-    ``decode_tiles``, ``tile_counters`` from ``decode_counters`` (zero on entry, left zero)."""
+    scale grid, in ``x.dtype``; M at most ``DECODE_TOKEN_LIMIT``. The tiling (``block_n``, ``splits``, the K step
+    ``block_k``, a multiple of ``DECODE_BLOCK_K``, warps, pipeline stages, and ``gemv``: the GEMV form for a single
+    token) comes from ``decode_tiles``, ``tile_counters`` from ``decode_counters`` (zero on entry, left zero)."""
     x = x if x.stride(1) == 1 else x.contiguous()
     num_tokens, in_features = x.shape
     out_features = weight.shape[0]
     if num_tokens > DECODE_TOKEN_LIMIT:
         raise ValueError(f"the FP8 decode GEMM takes at most {DECODE_TOKEN_LIMIT} tokens, got {num_tokens}")
-    if weight_block_k < in_features and weight_block_k % DECODE_BLOCK_K != 0:
+    if block_k % DECODE_BLOCK_K != 0:
+        raise ValueError(f"the decode GEMM's K step must be a multiple of {DECODE_BLOCK_K}, got {block_k}")
+    if weight_block_k < in_features and weight_block_k % block_k != 0:
         raise ValueError(f"FP8 weight scale blocks {weight_block_k} wide along K are not multiples of "
-                         f"{DECODE_BLOCK_K}, the decode GEMM's K step")
+                         f"{block_k}, the decode GEMM's K step")
     column_tiles = triton.cdiv(out_features, block_n)
     if tile_counters.numel() < column_tiles:
         raise ValueError(f"{column_tiles} column tiles need as many counters, got {tile_counters.numel()}")
     out = torch.empty(num_tokens, out_features, dtype=x.dtype, device=x.device)
     if num_tokens == 0:
         return out
-    k_steps = triton.cdiv(in_features, DECODE_BLOCK_K)
+    k_steps = triton.cdiv(in_features, block_k)
     steps_per_split = triton.cdiv(k_steps, splits)
     splits = triton.cdiv(k_steps, steps_per_split)  # none left empty
     # Scratch, never initialized: the codes (row stride a multiple of 16, as the GEMM loop's loads like) and,
@@ -178,16 +193,17 @@ def fp8_decode_gemm_launch(
     partials = torch.empty(splits if splits > 1 else 0, num_tokens, out_features, dtype=torch.float32,
                            device=x.device)
     tokens = triton.next_power_of_2(num_tokens)
+    gemv = gemv and num_tokens == 1
     _fp8_decode_gemm_kernel[(column_tiles, splits)](
         x, weight, weight_scale, out, codes, partials, tile_counters,
         num_tokens, out_features, in_features, x.stride(0), weight.stride(0), weight_scale.stride(0), out.stride(0),
         codes.stride(0), weight_block_n, weight_block_k, scale_ub if scale_ub is not None else 0.0,
         steps_per_split,
-        HAS_UB=scale_ub is not None, PER_STEP_SCALES=weight_block_k < in_features, SPLITS=splits,
-        TOKENS=tokens, BLOCK_M=max(_DOT_ROWS, tokens), BLOCK_N=block_n, BLOCK_K=DECODE_BLOCK_K,
+        HAS_UB=scale_ub is not None, PER_STEP_SCALES=weight_block_k < in_features, SPLITS=splits, GEMV=gemv,
+        TOKENS=tokens, BLOCK_M=1 if gemv else max(_DOT_ROWS, tokens), BLOCK_N=block_n, BLOCK_K=block_k,
         ROW_BLOCK=min(triton.next_power_of_2(in_features), _ROW_ELEMENTS // tokens),
         FP8_MAX_VALUE=FP8_MAX, MIN_SCALE=_MIN_SCALE,
-        num_warps=4, num_stages=4,
+        num_warps=num_warps, num_stages=num_stages,
     )
     return out
 
@@ -197,5 +213,6 @@ fp8_decode_gemm = torch.library.custom_op("tfbackend::fp8_decode_gemm", fp8_deco
 
 
 @fp8_decode_gemm.register_fake
-def _(x, weight, weight_scale, weight_block_n, weight_block_k, scale_ub, tile_counters, block_n, splits):
+def _(x, weight, weight_scale, weight_block_n, weight_block_k, scale_ub, tile_counters, block_n, splits,
+      block_k=DECODE_BLOCK_K, num_warps=4, num_stages=4, gemv=False):
     return x.new_empty(x.shape[0], weight.shape[0])

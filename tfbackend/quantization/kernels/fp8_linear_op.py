@@ -34,6 +34,10 @@ def fp8_linear(
     decode_counters: torch.Tensor | None,
     decode_block_n: int,
     decode_splits: int,
+    decode_block_k: int,
+    decode_warps: int,
+    decode_stages: int,
+    decode_gemv: bool,
 ) -> torch.Tensor:
     """``x[M, K] @ weight.T`` for an ``Fp8Linear`` (its fields, flattened): the input quantized per token (or
     token and ``activation_group`` features), or with the static ``input_scale`` when there is one, then the GEMM
@@ -42,7 +46,8 @@ def fp8_linear(
     path = fp8_gemm_for_tokens(x.shape[0], gemm_path, decode_max_tokens, small_batch_tokens)
     if path == DECODE:
         return fp8_decode_gemm_launch(x, weight, weight_scale, weight_block_n, weight_block_k, scale_ub,
-                                      decode_counters, decode_block_n, decode_splits)
+                                      decode_counters, decode_block_n, decode_splits, decode_block_k,
+                                      decode_warps, decode_stages, decode_gemv)
     if path == SCALED_MM:
         return fp8_scaled_mm_launch(x, weight, row_scale, scale_ub, input_scale)
     x_q, x_scale = quantize_input(x, activation_group, scale_ub, input_scale)

@@ -21,8 +21,8 @@ DECODE_BLOCK_K = 128
 DECODE_TOKEN_LIMIT = 64
 # Column tiles are this wide, or twice as wide where the output alone has enough of those for every SM.
 DECODE_MIN_BLOCK_N = 64
-# Target occupancy: enough programs that each SM streams weight while another of its programs computes.
-_DECODE_PROGRAMS_PER_SM = 2
+# The narrowest column tile any decode tiling may use (the layer's arrival counters are sized for it).
+DECODE_NARROWEST_BLOCK_N = 16
 # A split shorter than this many K steps spends more on its absmax pass and fix-up than on streaming.
 _MIN_STEPS_PER_SPLIT = 4
 
@@ -48,19 +48,39 @@ def tiles_for(num_tokens: int, block_k: int) -> Tiles:
 
 @dataclass(frozen=True)
 class DecodeTiles:
-    """How the decode GEMM divides an ``N x K`` weight: ``block_n`` output columns per tile, K in ``splits``."""
+    """How the decode GEMM divides an ``N x K`` weight: ``block_n`` output columns per tile, K in ``splits``,
+    ``block_k`` features per K step, its warps and pipeline stages, and whether one token takes the GEMV form."""
 
     block_n: int
     splits: int
+    block_k: int = DECODE_BLOCK_K
+    num_warps: int = 4
+    num_stages: int = 4
+    gemv: bool = False
 
 
 def decode_tiles(out_features: int, in_features: int, num_sms: int) -> DecodeTiles:
-    """About ``_DECODE_PROGRAMS_PER_SM`` programs per SM: 128-wide column tiles when N alone has one per SM
-    (Llama-8B's gate/up: 224), else 64-wide ones with K split to make up the count (a 4096 x 4096 weight: 64
-    tiles x 4 splits). Split K rather than narrow the tiles: every tile repeats the tokens' quantization."""
+    """The decode GEMM's tiling of an ``N x K`` weight for one token, as measured on an H100
+    (``benchmarks/fp8_decode_probe.py``, 2026-11-28, Llama-3.1-8B's projections streamed from HBM):
+
+    - 256-wide K steps beat 128-wide ones on every projection.
+    - Outputs wide enough for one 128-wide column tile per SM (gate/up: 224) stream fastest in the GEMV form
+      with 8 warps: 45.6 us, 0.50x bf16's time, the byte ratio.
+    - The others take ``tl.dot`` with 128-wide tiles (q/k/v: 48 tiles, 15.1 us; o: 32, 14.1 us) and few
+      programs: every program first repeats the token's absmax and quantization, and a split adds a fix-up, so
+      K is split only until there are a quarter as many programs as SMs. Long-K weights (K >= 2N; down) take
+      64-wide tiles, 8 warps and programs for half the SMs (64 x 2 splits: 30.8 us against 35.6 with 4).
+    """
+    block_k = 2 * DECODE_BLOCK_K if in_features >= 4 * DECODE_BLOCK_K else DECODE_BLOCK_K
+    k_steps = -(-in_features // block_k)
     wide = 2 * DECODE_MIN_BLOCK_N
-    block_n = wide if -(-out_features // wide) >= num_sms else DECODE_MIN_BLOCK_N
+    if -(-out_features // wide) >= num_sms:
+        return DecodeTiles(wide, 1, block_k, num_warps=8, num_stages=4, gemv=True)
+    long_k = in_features >= 2 * out_features
+    block_n = DECODE_MIN_BLOCK_N if long_k else wide
     column_tiles = -(-out_features // block_n)
-    k_steps = -(-in_features // DECODE_BLOCK_K)
-    wanted = (_DECODE_PROGRAMS_PER_SM * num_sms + column_tiles // 2) // column_tiles
-    return DecodeTiles(block_n, max(1, min(wanted, k_steps // _MIN_STEPS_PER_SPLIT)))
+    wanted_programs = num_sms // 2 if long_k else num_sms // 4
+    splits = 1
+    while column_tiles * splits < wanted_programs and k_steps // (2 * splits) >= _MIN_STEPS_PER_SPLIT:
+        splits *= 2
+    return DecodeTiles(block_n, splits, block_k, num_warps=8 if long_k else 4, num_stages=4)
