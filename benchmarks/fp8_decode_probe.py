@@ -140,8 +140,6 @@ def main() -> int:
             print(f"  {us:7.1f} us  {us / bf16_us:5.2f}x  {tiling}")
         if results:
             summary.append((name, bf16_us, layer_us, rule_us, *results[0]))
-        del fp8_weights, bf16_weights, layers
-        torch.cuda.empty_cache()
     print(f"\n{'projection':10} {'bf16 us':>8} {'FP8 layer':>10} {'/bf16':>6} {'best us':>8} {'/bf16':>6}  best tiling")
     for name, bf16_us, layer_us, rule_us, us, tiling in summary:
         print(f"{name:10} {bf16_us:8.1f} {layer_us:10.1f} {layer_us / bf16_us:6.2f} {us:8.1f} {us / bf16_us:6.2f}  "
