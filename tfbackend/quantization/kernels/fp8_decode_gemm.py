@@ -21,7 +21,7 @@ kernel is built to keep every SM streaming and to launch once:
   must not run concurrently (one stream per layer, as the engine runs).
 - ``tl.dot`` needs 16 rows: fewer tokens are padded with zero codes (masked loads, no work). A single token may
   instead take the GEMV form (``gemv``): the weight tile converted to float32, multiplied by the codes and summed
-  over K on the CUDA cores, with no padded rows; which form streams faster, and with which tiles, warps and
+  over K on the CUDA cores, with no padded rows, quantizing the token as it goes (no codes buffer, no barrier); which form streams faster, and with which tiles, warps and
   pipeline depth, is measured per shape (``benchmarks/fp8_decode_probe.py``) and chosen by ``tiles.decode_tiles``.
 
 Weight scales: any grid whose scale is constant over each 128-wide K step (per tensor, per channel, or
@@ -75,20 +75,23 @@ def _fp8_decode_gemm_kernel(
         amax = tl.minimum(amax, scale_ub)
     x_scale = tl.maximum(tl.math.div_rn(amax, FP8_MAX_VALUE), MIN_SCALE)
 
-    # Quantize this split's K range into the codes buffer. Done here, in the loads' own layout, because inside
-    # the GEMM loop the compiler would divide in tl.dot's operand layout, where each code is held (and so
-    # computed) by many threads. Every column tile writes the same bytes for its split: the duplicate stores
-    # are harmless, and each program reads back only what it wrote itself (after the barrier) or its twins did.
     k_begin = split * steps_per_split * BLOCK_K
     k_end = tl.minimum(k_begin + steps_per_split * BLOCK_K, K)
-    code_rows = codes_ptr + tokens[:, None].to(tl.int64) * stride_cm
-    for k0 in tl.range(k_begin, k_end, ROW_BLOCK, num_stages=2):
-        cols = k0 + tl.arange(0, ROW_BLOCK)
-        mask = token_mask[:, None] & (cols[None, :] < k_end)
-        x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        codes = tl.clamp(tl.math.div_rn(x, x_scale[:, None]), -FP8_MAX_VALUE, FP8_MAX_VALUE)
-        tl.store(code_rows + cols[None, :], codes.to(codes_ptr.dtype.element_ty), mask=mask)
-    tl.debug_barrier()  # the codes this program's threads wrote are visible to all of them
+    if not GEMV:
+        # Quantize this split's K range into the codes buffer. Done here, in the loads' own layout, because
+        # inside the GEMM loop the compiler would divide in tl.dot's operand layout, where each code is held (and
+        # so computed) by many threads. Every column tile writes the same bytes for its split: the duplicate
+        # stores are harmless, and each program reads back only what it wrote itself (after the barrier) or its
+        # twins did. The GEMV form quantizes in its loop instead: its K-major tiles hold each code in few threads.
+        code_rows = codes_ptr + tokens[:, None].to(tl.int64) * stride_cm
+        for k0 in tl.range(k_begin, k_end, ROW_BLOCK, num_stages=2):
+            cols = k0 + tl.arange(0, ROW_BLOCK)
+            mask = token_mask[:, None] & (cols[None, :] < k_end)
+            x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            codes = tl.clamp(tl.math.div_rn(x, x_scale[:, None]), -FP8_MAX_VALUE, FP8_MAX_VALUE)
+            tl.store(code_rows + cols[None, :], codes.to(codes_ptr.dtype.element_ty), mask=mask)
+        tl.debug_barrier()  # the codes this program's threads wrote are visible to all of them
+    token_scale = tl.max(x_scale, axis=0)  # GEMV: the one token's
 
     rows = tl.arange(0, BLOCK_M)
     row_mask = rows < M
@@ -99,12 +102,14 @@ def _fp8_decode_gemm_kernel(
     w_ptrs = w_ptr + offs_n[None, :].to(tl.int64) * stride_wn + (k_begin + offs_k)[:, None]
     w_scale_rows = w_scale_ptr + (offs_n // w_block_n) * stride_wsn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    code_ptrs = codes_ptr + k_begin + offs_k  # GEMV: the one token's codes
+    x_ptrs = x_ptr + k_begin + offs_k  # GEMV: the one token's row
     for k0 in range(k_begin, k_end, BLOCK_K):
         k_mask = offs_k < K - k0
         w = tl.load(w_ptrs, mask=n_mask[None, :] & k_mask[:, None], other=0.0)
         if GEMV:
-            a = tl.load(code_ptrs, mask=k_mask, other=0.0).to(tl.float32)
+            x = tl.load(x_ptrs, mask=k_mask, other=0.0).to(tl.float32)
+            codes = tl.clamp(tl.math.div_rn(x, token_scale), -FP8_MAX_VALUE, FP8_MAX_VALUE)
+            a = codes.to(w_ptr.dtype.element_ty).to(tl.float32)
             product = tl.sum(w.to(tl.float32) * a[:, None], axis=0)[None, :]
         else:
             a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
@@ -113,7 +118,7 @@ def _fp8_decode_gemm_kernel(
             product = product * tl.load(w_scale_rows + k0 // w_block_k, mask=n_mask, other=0.0)[None, :]
         acc += product
         a_ptrs += BLOCK_K
-        code_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
 
     out_mask = row_mask[:, None] & n_mask[None, :]
@@ -189,11 +194,12 @@ def fp8_decode_gemm_launch(
     splits = triton.cdiv(k_steps, steps_per_split)  # none left empty
     # Scratch, never initialized: the codes (row stride a multiple of 16, as the GEMM loop's loads like) and,
     # with split K, each split's float32 partial products.
-    codes = torch.empty(num_tokens, triton.cdiv(in_features, 16) * 16, dtype=weight.dtype, device=x.device)
+    gemv = gemv and num_tokens == 1
+    codes = torch.empty(num_tokens, 16 if gemv else triton.cdiv(in_features, 16) * 16, dtype=weight.dtype,
+                        device=x.device)  # the GEMV form needs none: a placeholder (a kernel pointer must be real)
     partials = torch.empty(splits if splits > 1 else 0, num_tokens, out_features, dtype=torch.float32,
                            device=x.device)
     tokens = triton.next_power_of_2(num_tokens)
-    gemv = gemv and num_tokens == 1
     _fp8_decode_gemm_kernel[(column_tiles, splits)](
         x, weight, weight_scale, out, codes, partials, tile_counters,
         num_tokens, out_features, in_features, x.stride(0), weight.stride(0), weight_scale.stride(0), out.stride(0),

@@ -63,20 +63,30 @@ def decode_tiles(out_features: int, in_features: int, num_sms: int) -> DecodeTil
     """The decode GEMM's tiling of an ``N x K`` weight for one token, as measured on an H100
     (``benchmarks/fp8_decode_probe.py``, 2026-11-28, Llama-3.1-8B's projections streamed from HBM):
 
-    - 256-wide K steps beat 128-wide ones on every projection.
+    - Wider K steps than 128 won on every projection (256; 512 for the narrow GEMV below).
     - Outputs wide enough for one 128-wide column tile per SM (gate/up: 224) stream fastest in the GEMV form
-      with 8 warps: 45.6 us, 0.50x bf16's time, the byte ratio.
-    - The others take ``tl.dot`` with 128-wide tiles (q/k/v: 48 tiles, 15.1 us; o: 32, 14.1 us) and few
-      programs: every program first repeats the token's absmax and quantization, and a split adds a fix-up, so
-      K is split only until there are a quarter as many programs as SMs. Long-K weights (K >= 2N; down) take
-      64-wide tiles, 8 warps and programs for half the SMs (64 x 2 splits: 30.8 us against 35.6 with 4).
+      with 8 warps: 45.2 us, 0.48x bf16's time (the byte ratio is 0.5x).
+    - Outputs narrow enough for one 32-wide column tile per SM at most (o: 128) too, with 512-wide K steps:
+      11.7 us against 14.2 for the best ``tl.dot`` tiling.
+    - The others take ``tl.dot`` with 128-wide tiles (q/k/v: 48 tiles, 15.1 us) and few programs: every program
+      first repeats the token's absmax and quantization, and a split adds a fix-up, so K is split only until
+      there are a quarter as many programs as SMs. Long-K weights (K >= 2N; down) take 64-wide tiles, 8 warps
+      and programs for half the SMs (64 x 2 splits: 30.8 us against 35.6 with 4-way splits).
     """
-    block_k = 2 * DECODE_BLOCK_K if in_features >= 4 * DECODE_BLOCK_K else DECODE_BLOCK_K
-    k_steps = -(-in_features // block_k)
-    wide = 2 * DECODE_MIN_BLOCK_N
-    if -(-out_features // wide) >= num_sms:
-        return DecodeTiles(wide, 1, block_k, num_warps=8, num_stages=4, gemv=True)
+    def k_step(widest: int) -> int:
+        step = DECODE_BLOCK_K
+        while step < widest and in_features >= 8 * step:  # doubled, K still has 4 steps at least
+            step *= 2
+        return step
+
+    wide, narrow = 2 * DECODE_MIN_BLOCK_N, DECODE_MIN_BLOCK_N // 2
     long_k = in_features >= 2 * out_features
+    if -(-out_features // wide) >= num_sms:
+        return DecodeTiles(wide, 1, k_step(256), num_warps=8, num_stages=4, gemv=True)
+    if not long_k and -(-out_features // narrow) <= num_sms:
+        return DecodeTiles(narrow, 1, k_step(512), num_warps=8, num_stages=4, gemv=True)
+    block_k = k_step(256)
+    k_steps = -(-in_features // block_k)
     block_n = DECODE_MIN_BLOCK_N if long_k else wide
     column_tiles = -(-out_features // block_n)
     wanted_programs = num_sms // 2 if long_k else num_sms // 4
