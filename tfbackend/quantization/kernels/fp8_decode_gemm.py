@@ -21,11 +21,12 @@ kernel is built to keep every SM streaming and to launch once:
   must not run concurrently (one stream per layer, as the engine runs).
 - ``tl.dot`` needs 16 rows: fewer tokens are padded with zero codes (masked loads, no work). A single token may
   instead take the GEMV form (``gemv``): the weight tile converted to float32, multiplied by the codes and summed
-  over K on the CUDA cores, with no padded rows, quantizing the token as it goes (no codes buffer, no barrier); which form streams faster, and with which tiles, warps and
-  pipeline depth, is measured per shape (``benchmarks/fp8_decode_probe.py``) and chosen by ``tiles.decode_tiles``.
+  over K on the CUDA cores, with no padded rows, the token quantized as the loop goes (no codes buffer, no
+  barrier). Which form streams faster, and with which tiles, K step, warps and pipeline depth, is measured per
+  shape (``benchmarks/fp8_decode_probe.py``) and chosen by ``tiles.decode_tiles``.
 
-Weight scales: any grid whose scale is constant over each 128-wide K step (per tensor, per channel, or
-``block_k`` a multiple of 128); a grid that changes along K scales each step's partial product before it is
+Weight scales: any grid whose scale is constant over each K step (per tensor, per channel, or ``block_k`` a
+multiple of the step, which is 128 or a multiple of it); a grid that changes along K scales each step's partial product before it is
 accumulated, as ``fp8_gemm`` does.
 """
 
