@@ -142,11 +142,11 @@ LLAMA_8B = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "d
 
 
 @pytest.mark.parametrize("name", LLAMA_8B)
-def test_decode_tiles_keep_a_quarter_of_the_sms_busy_and_each_split_several_steps(name):
+def test_decode_tiles_keep_the_sms_busy_and_each_split_several_steps(name):
     out_features, in_features = LLAMA_8B[name]
     tiles = decode_tiles(out_features, in_features, H100_SMS)
     programs = -(-out_features // tiles.block_n) * tiles.splits
-    assert H100_SMS // 4 <= programs <= 2 * H100_SMS
+    assert H100_SMS // 2 <= programs <= 3 * H100_SMS
     assert -(-in_features // tiles.block_k) // tiles.splits >= 4
     assert tiles.block_k % DECODE_BLOCK_K == 0
 
@@ -154,7 +154,7 @@ def test_decode_tiles_keep_a_quarter_of_the_sms_busy_and_each_split_several_step
 def test_decode_tiles_follow_the_h100_measurements():
     """benchmarks/fp8_decode_probe.py's winners for Llama-3.1-8B on an H100 (132 SMs)."""
     assert decode_tiles(28672, 4096, H100_SMS) == DecodeTiles(128, 1, 256, 8, 4, gemv=True)  # wide: GEMV
-    assert decode_tiles(6144, 4096, H100_SMS) == DecodeTiles(128, 1, 256, 4, 4)  # 48 tiles, no split
+    assert decode_tiles(6144, 4096, H100_SMS) == DecodeTiles(64, 4, 256, 4, 4, gemv=True)  # 96 tiles x 4 splits
     assert decode_tiles(4096, 4096, H100_SMS) == DecodeTiles(32, 1, 512, 8, 4, gemv=True)  # narrow: GEMV
     assert decode_tiles(4096, 14336, H100_SMS) == DecodeTiles(64, 2, 256, 8, 4)  # long K: 64 tiles x 2 splits
     assert decode_tiles(4096, 256, H100_SMS).splits == 1  # 2 K steps: nothing to split

@@ -43,7 +43,7 @@ SCALED_MM, TRITON, DECODE = "scaled_mm", "triton", "decode"
 # against 0.59-0.65x, down 0.98-1.00x against 1.12-1.19x; at 32 tokens they are level), so layers that take
 # _scaled_mm hand batches of up to SMALL_BATCH_TOKENS tokens to it. A single token takes the one-launch decode GEMM
 # on every projection, tiled per shape (tiles.decode_tiles): with the weights streamed from HBM, as in a decode
-# step, it took 15.1 / 11.7 / 45.2 / 30.9 us for q/k/v, o, gate/up and down against the Triton GEMM's (down: the
+# step, it took 12.9 / 12.4 / 45.5 / 31.0 us for q/k/v, o, gate/up and down against the Triton GEMM's (down: the
 # untuned decode GEMM's) 17.0 / 15.3 / 54.1 / 35.6 (benchmarks/fp8_decode_probe.py, 2026-11-28). From 4 tokens
 # on, each of its programs repeating the tokens' absmax and quantization costs more than the launch it saves.
 SMALL_BATCH_TOKENS = 16

@@ -63,15 +63,14 @@ def decode_tiles(out_features: int, in_features: int, num_sms: int) -> DecodeTil
     """The decode GEMM's tiling of an ``N x K`` weight for one token, as measured on an H100
     (``benchmarks/fp8_decode_probe.py``, 2026-11-28, Llama-3.1-8B's projections streamed from HBM):
 
-    - Wider K steps than 128 won on every projection (256; 512 for the narrow GEMV below).
-    - Outputs wide enough for one 128-wide column tile per SM (gate/up: 224) stream fastest in the GEMV form
-      with 8 warps: 45.2 us, 0.48x bf16's time (the byte ratio is 0.5x).
-    - Outputs narrow enough for one 32-wide column tile per SM at most (o: 128) too, with 512-wide K steps:
-      11.7 us against 14.2 for the best ``tl.dot`` tiling.
-    - The others take ``tl.dot`` with 128-wide tiles (q/k/v: 48 tiles, 15.1 us) and few programs: every program
-      first repeats the token's absmax and quantization, and a split adds a fix-up, so K is split only until
-      there are a quarter as many programs as SMs. Long-K weights (K >= 2N; down) take 64-wide tiles, 8 warps
-      and programs for half the SMs (64 x 2 splits: 30.8 us against 35.6 with 4-way splits).
+    - Wider K steps than 128 won on every projection.
+    - The GEMV form wins everywhere but on long-K weights. Outputs wide enough for one 128-wide column tile per
+      SM (gate/up: 224) take 128-wide tiles and 8 warps: 45.2 us, 0.48x bf16's time (the byte ratio is 0.5x).
+      Outputs of at most one 32-wide tile per SM (o: 128) take those with 512-wide K steps: 11.7-12.4 us against
+      14.2 for the best ``tl.dot`` tiling. Outputs in between (q/k/v: 6144) take 64-wide tiles, K split until
+      there are two programs per SM (96 x 4): 12.9 us against 15.3 with ``tl.dot``.
+    - Long-K weights (K >= 2N; down) take ``tl.dot`` with 64-wide tiles, 8 warps and K split until there are
+      programs for half the SMs (64 x 2 splits: 30.8 us against 35.6 with 4-way splits).
     """
     def k_step(widest: int) -> int:
         step = DECODE_BLOCK_K
@@ -79,18 +78,21 @@ def decode_tiles(out_features: int, in_features: int, num_sms: int) -> DecodeTil
             step *= 2
         return step
 
+    def splits_for(column_tiles: int, block_k: int, wanted_programs: int) -> int:
+        splits, k_steps = 1, -(-in_features // block_k)
+        while column_tiles * splits < wanted_programs and k_steps // (2 * splits) >= _MIN_STEPS_PER_SPLIT:
+            splits *= 2
+        return splits
+
     wide, narrow = 2 * DECODE_MIN_BLOCK_N, DECODE_MIN_BLOCK_N // 2
-    long_k = in_features >= 2 * out_features
     if -(-out_features // wide) >= num_sms:
         return DecodeTiles(wide, 1, k_step(256), num_warps=8, num_stages=4, gemv=True)
-    if not long_k and -(-out_features // narrow) <= num_sms:
+    if in_features >= 2 * out_features:
+        block_k = k_step(256)
+        splits = splits_for(-(-out_features // DECODE_MIN_BLOCK_N), block_k, num_sms // 2)
+        return DecodeTiles(DECODE_MIN_BLOCK_N, splits, block_k, num_warps=8, num_stages=4)
+    if -(-out_features // narrow) <= num_sms:
         return DecodeTiles(narrow, 1, k_step(512), num_warps=8, num_stages=4, gemv=True)
     block_k = k_step(256)
-    k_steps = -(-in_features // block_k)
-    block_n = DECODE_MIN_BLOCK_N if long_k else wide
-    column_tiles = -(-out_features // block_n)
-    wanted_programs = num_sms // 2 if long_k else num_sms // 4
-    splits = 1
-    while column_tiles * splits < wanted_programs and k_steps // (2 * splits) >= _MIN_STEPS_PER_SPLIT:
-        splits *= 2
-    return DecodeTiles(block_n, splits, block_k, num_warps=8 if long_k else 4, num_stages=4)
+    splits = splits_for(-(-out_features // DECODE_MIN_BLOCK_N), block_k, 2 * num_sms)
+    return DecodeTiles(DECODE_MIN_BLOCK_N, splits, block_k, num_warps=4, num_stages=4, gemv=True)
