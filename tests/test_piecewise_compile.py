@@ -33,14 +33,22 @@ def empty_compile_cache(tmp_path, monkeypatch):
 
 
 def greedy_tokens(path, impl: str, compiled: bool, monkeypatch) -> list[list[int]]:
+    """Greedy tokens from an engine compiled in process (or run eagerly)."""
     monkeypatch.setattr(worker, "COMPILE_DEVICE_TYPES", ("cuda", "cpu") if compiled else ("cuda",))
+    monkeypatch.setattr(worker.Worker, "_aot_path", lambda self, hf_config: None)  # in process (test_aot_compile)
+    tokens, engine = engine_tokens(path, impl)
+    assert isinstance(engine.forward, CompiledForward) == compiled
+    assert not compiled or engine.forward.compiled is not None, "the compile failed: the model runs uncompiled"
+    return tokens
+
+
+def engine_tokens(path, impl: str) -> tuple[list[list[int]], LLMEngine]:
+    """A new engine's greedy tokens for a chunked prefill, mixed steps and one-token decodes; and the engine."""
     engine = LLMEngine(EngineConfig(model=str(path), model_impl=impl, device="cpu", dtype="float32", block_size=4,
                                     max_model_len=MAX_MODEL_LEN, max_num_batched_tokens=32, max_num_seqs=4,
                                     kv_cache_memory=1 << 20))
-    assert isinstance(engine.forward, CompiledForward) == compiled
-    assert not compiled or engine.forward.compiled is not None, "the compile failed: the model runs uncompiled"
     params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
-    prompts = random_prompts([3, 40, 1])  # a chunked prefill, mixed steps and one-token decodes
+    prompts = random_prompts([3, 40, 1])
     for i, prompt in enumerate(prompts):
         engine.add_request(str(i), prompt, params)
     tokens = {}
@@ -49,7 +57,7 @@ def greedy_tokens(path, impl: str, compiled: bool, monkeypatch) -> list[list[int
             if output.finished:
                 tokens[output.request_id] = output.outputs[0].token_ids
     assert engine.stats().compilations_after_ready.total == 0
-    return [tokens[str(i)] for i in range(len(prompts))]
+    return [tokens[str(i)] for i in range(len(prompts))], engine
 
 
 @pytest.mark.parametrize("impl,num_layers", [("native", 4), ("transformers", 3)])

@@ -7,6 +7,9 @@ directory that outlives the process; torch's default is under ``/tmp``, which ma
 ``~/.triton``, shared with every other program. Pointing them at ``$TFBACKEND_CACHE/compile`` keeps them with
 the converted models and lets ``bench --cold`` start from an empty one.
 
+The ahead-of-time compiled forward (``aot_compile.py``) is kept there too, under ``compile/aot``, one file per
+model, configuration and set of versions (``aot_artifact_path``).
+
 The environment variables are read lazily, when something first compiles, so they must be set before that
 (the engine does it first thing). A value the user set is left alone; so is one torch set itself when this
 process already compiled before the engine configured the cache.
@@ -14,10 +17,16 @@ process already compiled before the engine configured the cache.
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
+import json
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import torch
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +34,7 @@ logger = logging.getLogger(__name__)
 # generated ones too, when TRITON_CACHE_DIR is set).
 INDUCTOR_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
 TRITON_CACHE_ENV = "TRITON_CACHE_DIR"
+_SOURCE_ROOT = Path(__file__).resolve().parent.parent  # the tfbackend package
 
 
 @dataclass(frozen=True)
@@ -52,3 +62,36 @@ def configure_compile_cache(cache_root: Path) -> CompileCacheDirs:
     )
     logger.debug("compile cache: inductor %s, triton %s", result.inductor, result.triton)
     return result
+
+
+def aot_artifact_path(cache_root: Path, model: torch.nn.Module, factors: dict[str, Any]) -> Path:
+    """Where the ahead-of-time compiled forward of ``model`` (``aot_compile.py``) lives for these ``factors``
+    (config, dtype, device, ranks...): a file named by the hash of them, the model's class, the installed
+    versions and this package's sources."""
+    versions = {name: _version(name) for name in ("torch", "triton", "transformers")}
+    key = {
+        "model": f"{type(model).__module__}.{type(model).__qualname__}",
+        "versions": versions,
+        "sources": _sources_digest(),
+        "environment": {name: value for name, value in os.environ.items()
+                        if name.startswith(("TFBACKEND_", "TORCHINDUCTOR_", "TORCH_COMPILE"))
+                        and name not in ("TFBACKEND_CACHE", "TORCHINDUCTOR_CACHE_DIR")},
+        **factors,
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:32]
+    return Path(cache_root) / "compile" / "aot" / f"{digest}.bin"
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _sources_digest() -> str:
+    digest = hashlib.sha256()
+    for source in sorted(_SOURCE_ROOT.rglob("*.py")):
+        digest.update(str(source.relative_to(_SOURCE_ROOT)).encode())
+        digest.update(source.read_bytes())
+    return digest.hexdigest()

@@ -22,6 +22,7 @@ import bisect
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -53,13 +54,18 @@ class CompiledForward:
     that must branch on the token count still can; that part then specializes as it would have anyway.
     Should a model's graph not compile with the unbacked size, it compiles with a plain dynamic one; should
     that fail too, the first call says so and the model runs as written from then on.
+
+    Given ``aot_path``, the first call compiles ahead of time and saves the result there (``aot_compile.py``),
+    and the next start of the same model loads it instead of tracing and compiling again.
     """
 
     # torch.compile's backend: Inductor, piece by piece between attention calls (piecewise_compile.py); tests
     # on a CPU use "eager" (tracing only, no code generation).
     backend: Callable | str = staticmethod(piecewise_inductor)
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, aot_path: Path | None = None):
+        """``aot_path``: where the compiled forward is saved, to be loaded by the next start instead of traced
+        and compiled again (``aot_compile.py``); None compiles in process only."""
         self.model = model
         self.compiled = torch.compile(model.forward, dynamic=True, backend=self.backend)
         self.unbacked_tokens = True
@@ -67,8 +73,18 @@ class CompiledForward:
         # them to tensors, and a compile does not restart to specialize them after all (that restart traced and
         # compiled the model twice). One patch, entered per call (making one per call costs ~3x more).
         self.specialize_floats = torch._dynamo.config.patch(specialize_float=True)
+        # Saved and loaded only with the production backend (tests pick others, which have nothing to save).
+        self.aot_path = aot_path if type(self).backend is piecewise_inductor else None
+        self.aot_function: Callable[..., torch.Tensor] | None = None
+        self.aot_loaded = False  # the forward came from aot_path, not from a compile in this process
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        if self.aot_function is not None:
+            return self.aot_function(self.model, input_ids, positions)
+        if self.aot_path is not None:
+            out = self._first_aot_call(input_ids, positions)
+            if out is not None:
+                return out
         if self.compiled is not None:
             if self.unbacked_tokens:
                 torch._dynamo.decorators.mark_unbacked(input_ids, 0)
@@ -86,6 +102,45 @@ class CompiledForward:
                 logger.warning("torch.compile failed, running %s uncompiled: %s", name, error)  # eager still works
                 self.compiled = None
         return self.model(input_ids, positions)
+
+    def _first_aot_call(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
+        """Load the saved forward, or compile and save it, and run it; None when this model has no saved
+        forward to use (then torch.compile runs in process, on Inductor's caches). A model whose forward cannot
+        be compiled ahead of time or saved is marked so, and later starts do not try again."""
+        from tfbackend.engine import aot_compile
+
+        path, self.aot_path = self.aot_path, None
+        skip_marker = path.with_suffix(".skip")
+        if skip_marker.is_file():
+            return None
+        forward = self.model.forward
+        with self.specialize_floats:
+            if path.is_file():
+                try:
+                    function = aot_compile.load(path, forward)
+                    out = function(self.model, input_ids, positions)  # checks the saved guards
+                    function.disable_guard_check()  # checked once: later calls pass tensors of the same kinds
+                    self.aot_function, self.aot_loaded = function, True
+                    logger.info("compiled forward loaded from %s", path)
+                    return out
+                except Exception as error:  # stale or unreadable: compile it again
+                    logger.info("the saved compiled forward %s does not load (%s); compiling it again", path, error)
+                    path.unlink(missing_ok=True)
+            try:
+                torch._dynamo.decorators.mark_unbacked(input_ids, 0)
+                torch._dynamo.decorators.mark_unbacked(positions, 0)
+                function = aot_compile.compile_and_save(forward, (input_ids, positions), path)
+                out = function(self.model, input_ids.clone(), positions.clone())  # clones: no marks to check
+                function.disable_guard_check()
+            except Exception as error:
+                logger.info("%s does not compile ahead of time (%s: %s); compiling in process from now on",
+                            type(self.model).__name__, type(error).__name__, error)
+                skip_marker.parent.mkdir(parents=True, exist_ok=True)
+                skip_marker.write_text(f"{type(error).__name__}: {error}\n")
+                return None
+        self.aot_function = function
+        logger.info("compiled forward saved to %s", path)
+        return out
 
 
 def graph_batch_sizes(max_batch_size: int) -> list[int]:

@@ -33,6 +33,11 @@ def split_targets() -> tuple[Any, ...]:
     return (op, op.default)
 
 
+# Compiles one piece (a graph without attention calls) for the fake inputs it receives: Inductor's compile_fx,
+# or (aot_compile.py) a compile whose output can be saved.
+PieceCompiler = Callable[[fx.GraphModule, list[Any]], Callable[..., Any]]
+
+
 def piecewise_inductor(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
     """A torch.compile backend: Inductor on each piece between the graph's attention calls.
 
@@ -40,19 +45,22 @@ def piecewise_inductor(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Cal
     """
     from torch._inductor.compile_fx import compile_fx
 
-    targets = split_targets()
-    cuts = [node for node in gm.graph.nodes if node.op == "call_function" and node.target in targets]
-    if not cuts:
+    split = split_at_attention(gm)
+    if split is None:
         return compile_fx(gm, list(example_inputs))
-    split = _split_at(gm, set(cuts))
-    _compile_pieces(split, example_inputs, targets)
+    compile_pieces(split, example_inputs, compile_fx)
     return split
 
 
-def _split_at(gm: fx.GraphModule, cuts: set[fx.Node]) -> fx.GraphModule:
-    """``gm`` as a graph of submodules: the nodes between two cuts form one piece, each cut a piece of its own."""
+def split_at_attention(gm: fx.GraphModule) -> fx.GraphModule | None:
+    """``gm`` as a graph of submodules: the nodes between two attention calls form one piece, each call a piece
+    of its own; None for a graph without attention calls. Deterministic: the same graph splits the same way."""
     from torch.fx.passes.split_module import split_module
 
+    targets = split_targets()
+    cuts = {node for node in gm.graph.nodes if node.op == "call_function" and node.target in targets}
+    if not cuts:
+        return None
     piece_of: dict[fx.Node, int] = {}
     piece = 0
     for node in gm.graph.nodes:
@@ -64,20 +72,26 @@ def _split_at(gm: fx.GraphModule, cuts: set[fx.Node]) -> fx.GraphModule:
     return split_module(gm, None, lambda node: piece_of[node], keep_original_order=True)
 
 
-def _compile_pieces(split: fx.GraphModule, example_inputs: Sequence[Any], targets: tuple[Any, ...]) -> None:
-    """Run ``split`` on fake inputs, compiling each piece without a cut on the fake inputs it receives."""
+def compile_pieces(
+    split: fx.GraphModule, example_inputs: Sequence[Any], compile_piece: PieceCompiler
+) -> tuple[dict[str, int], list[Callable[..., Any]]]:
+    """Run ``split`` on fake inputs, compiling each piece without an attention call on the fake inputs it
+    receives, once per distinct piece; the compiled functions replace the pieces in ``split``. Returns which
+    compiled function (an index into the list, also returned) each piece's target runs."""
     from torch._dispatch.python import enable_python_dispatcher
     from torch._dynamo.utils import counters, detect_fake_mode
-    from torch._inductor.compile_fx import compile_fx
     from torch._subclasses.fake_tensor import FakeTensor
 
     fake_mode = detect_fake_mode(example_inputs)
     # Dynamo passes a few inputs as real tensors (a module's float attributes, lifted); propagation needs fakes.
     fake_inputs = [fake_mode.from_tensor(x) if isinstance(x, torch.Tensor) and not isinstance(x, FakeTensor)
                    else x for x in example_inputs]
+    targets = split_targets()
     start, hits_before = time.perf_counter(), counters["inductor"]["fxgraph_cache_hit"]
     pieces = 0
-    compiled: dict[str, Callable[..., Any]] = {}  # by signature: one compile per distinct piece
+    index_of: dict[str, int] = {}  # by signature: one compile per distinct piece
+    compiled: list[Callable[..., Any]] = []
+    compiled_targets: dict[str, int] = {}
 
     class CompilePieces(fx.Interpreter):
         def call_module(self, target, args, kwargs):
@@ -87,11 +101,11 @@ def _compile_pieces(split: fx.GraphModule, example_inputs: Sequence[Any], target
             pieces += 1
             if not any(node.op == "call_function" and node.target in targets for node in piece.graph.nodes):
                 signature = piece_signature(piece, args)
-                if signature not in compiled:
-                    compiled[signature] = compile_fx(piece, list(args))
-                # The instance attribute shadows the registered submodule: the split graph's code calls
-                # ``self.<target>(...)``, and a compiled function cannot be registered as a module.
-                split.__dict__[target] = compiled[signature]
+                if signature not in index_of:
+                    index_of[signature] = len(compiled)
+                    compiled.append(compile_piece(piece, list(args)))
+                compiled_targets[target] = index_of[signature]
+                install_piece(split, target, compiled[index_of[signature]])
             return out
 
     # As dynamo propagates fakes: composite ops (a linear over [1, T, H]) decompose in Python, where sizes
@@ -101,6 +115,13 @@ def _compile_pieces(split: fx.GraphModule, example_inputs: Sequence[Any], target
     logger.info("piecewise compile: %d pieces, %d distinct compiled by Inductor (%d from its cache) in %.1f s",
                 pieces, len(compiled), counters["inductor"]["fxgraph_cache_hit"] - hits_before,
                 time.perf_counter() - start)
+    return compiled_targets, compiled
+
+
+def install_piece(split: fx.GraphModule, target: str, compiled: Callable[..., Any]) -> None:
+    """Run ``compiled`` for the piece ``target`` of ``split``. The instance attribute shadows the registered
+    submodule: the split graph's code calls ``self.<target>(...)``, and a function cannot be registered as one."""
+    split.__dict__[target] = compiled
 
 
 def piece_signature(piece: fx.GraphModule, inputs: Sequence[Any]) -> str:

@@ -31,7 +31,7 @@ from tfbackend.distributed.rendezvous import (
     init_rank,
     joined_key,
 )
-from tfbackend.engine.compile_cache import configure_compile_cache
+from tfbackend.engine.compile_cache import aot_artifact_path, configure_compile_cache
 from tfbackend.engine.cuda_graphs import GRAPH_SAFE_BACKENDS, CompiledForward
 from tfbackend.engine.memory import kv_cache_budget, plan_cache
 from tfbackend.engine.model_files import max_model_len
@@ -89,7 +89,7 @@ class Worker:
         self.model_impl, self.model_impl_reason = resolved.model_impl, resolved.reason
         self.attention_backend = get_attention_backend(config.attention_backend, self.device)
         self.use_cuda_graphs = self._use_cuda_graphs()
-        self.forward = CompiledForward(self.model) if self._use_compile() else self.model
+        self.forward = CompiledForward(self.model, self._aot_path(hf_config)) if self._use_compile() else self.model
         self.stages = None
         if parallel.pp_size > 1:
             vocab_size = hf_config.get_text_config().vocab_size
@@ -150,6 +150,18 @@ class Worker:
             and self.model.supports_cuda_graphs
             and self.parallel.pp_size == 1
         )
+
+    def _aot_path(self, hf_config) -> Path:
+        """Where this rank's compiled forward is saved for the next start (``compile_cache.aot_artifact_path``)."""
+        device = self.device
+        device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+        capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+        return aot_artifact_path(default_cache_dir(), self.model, {
+            "config": hf_config.to_json_string(use_diff=False), "dtype": str(self.dtype),
+            "device": [device.type, device_name, capability], "model_impl": self.model_impl,
+            "quantization": self.config.quantization,
+            "ranks": [self.parallel.world_size, self.parallel.rank, self.parallel.tp.size],
+        })
 
     def _use_warmup(self) -> bool:
         """Whether anything compiles lazily that a warm-up should compile before ready: the compiled forward, and

@@ -1,0 +1,112 @@
+"""Ahead-of-time compilation (``engine/aot_compile.py``): the first start saves the compiled forward, the next
+loads it instead of tracing and compiling, with the same tokens; what cannot be saved or loaded falls back to
+compiling in process.
+
+Inductor generates code for real here (its C++ backend on the CPU, ~20 s per compile).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from tests.test_piecewise_compile import engine_tokens, greedy_tokens
+from tests.tiny_models import make_checkpoint
+from tfbackend.engine import aot_compile, worker
+from tfbackend.engine.compile_cache import INDUCTOR_CACHE_ENV, TRITON_CACHE_ENV, aot_artifact_path
+from tfbackend.engine.cuda_graphs import CompiledForward
+
+MAX_MODEL_LEN = 128
+
+
+@pytest.fixture(autouse=True)
+def empty_compile_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TFBACKEND_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv(INDUCTOR_CACHE_ENV, str(tmp_path / "inductor"))
+    monkeypatch.setenv(TRITON_CACHE_ENV, str(tmp_path / "triton"))
+    torch._dynamo.reset()
+
+
+def start(path, impl: str) -> tuple[list[list[int]], CompiledForward]:
+    """One engine start, on a fresh dynamo as a new process has: its greedy tokens and its compiled forward."""
+    torch._dynamo.reset()
+    counters.clear()
+    tokens, engine = engine_tokens(path, impl)
+    return tokens, engine.forward
+
+
+@pytest.mark.parametrize("impl,family", [("native", "llama"), ("transformers", "gemma2")])
+def test_the_second_start_loads_the_saved_forward_with_the_same_tokens(tmp_path, monkeypatch, impl, family):
+    path = tmp_path / family
+    make_checkpoint(family, path, max_position_embeddings=MAX_MODEL_LEN, num_hidden_layers=3)
+    with monkeypatch.context() as eager_only:
+        eager = greedy_tokens(path, impl, compiled=False, monkeypatch=eager_only)
+    monkeypatch.setattr(worker, "COMPILE_DEVICE_TYPES", ("cuda", "cpu"))
+
+    first, forward = start(path, impl)
+    assert first == eager
+    assert forward.aot_function is not None and not forward.aot_loaded
+    saved = list((tmp_path / "cache" / "compile" / "aot").glob("*.bin"))
+    assert len(saved) == 1
+
+    second, forward = start(path, impl)
+    assert second == eager
+    assert forward.aot_loaded
+    assert counters["stats"]["unique_graphs"] == 0  # dynamo traced nothing: the saved bytecode ran
+
+
+class Embed(torch.nn.Module):
+    """A forward without attention calls: the saved artifact is one piece."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(16, 8)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.embed(input_ids)) * 2 + positions[:, None]
+
+
+def inputs(count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.arange(count) % 16, torch.arange(count)
+
+
+def test_a_stale_saved_forward_is_compiled_and_saved_again(tmp_path):
+    model, path = Embed(), tmp_path / "forward.bin"
+    path.write_bytes(b"not a compiled function")
+    expected = model(*inputs(5))
+    forward = CompiledForward(model, path)
+    torch.testing.assert_close(forward(*inputs(5)), expected)
+    assert forward.aot_function is not None and not forward.aot_loaded
+    torch._dynamo.reset()
+    loaded = CompiledForward(model, path)
+    torch.testing.assert_close(loaded(*inputs(5)), expected)
+    assert loaded.aot_loaded
+    torch.testing.assert_close(loaded(*inputs(9)), model(*inputs(9)))  # one forward for every step size
+
+
+def test_a_forward_that_cannot_be_saved_compiles_in_process_and_is_not_tried_again(tmp_path, monkeypatch):
+    attempts = []
+
+    def fail(*args):
+        attempts.append(args)
+        raise RuntimeError("cannot save this one")
+
+    monkeypatch.setattr(aot_compile, "compile_and_save", fail)
+    model, path = Embed(), tmp_path / "forward.bin"
+    for _ in range(2):  # two starts
+        torch._dynamo.reset()
+        forward = CompiledForward(model, path)
+        torch.testing.assert_close(forward(*inputs(5)), model(*inputs(5)))
+        assert forward.aot_function is None and forward.compiled is not None
+    assert len(attempts) == 1
+    assert "cannot save this one" in path.with_suffix(".skip").read_text()
+
+
+def test_the_saved_forward_is_keyed_by_what_the_compiled_code_depends_on(tmp_path):
+    factors = {"config": "{}", "dtype": "torch.bfloat16", "device": ["cuda", "NVIDIA H100", [9, 0]]}
+    path = aot_artifact_path(tmp_path, Embed(), factors)
+    assert path == aot_artifact_path(tmp_path, Embed(), dict(factors))
+    assert path.parent == tmp_path / "compile" / "aot"
+    assert path != aot_artifact_path(tmp_path, Embed(), factors | {"dtype": "torch.float16"})
+    assert path != aot_artifact_path(tmp_path, torch.nn.Linear(1, 1), factors)
