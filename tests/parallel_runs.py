@@ -43,21 +43,51 @@ def compiled_forward_difference(model_dir: Path, model_impl: str, backend: str |
     ``torch.compile(fullgraph=True)`` (a graph break, e.g. at a collective, raises); the largest difference of
     their hidden states for one prefill. ``backend``: torch.compile's; by default the GPU's, Inductor piece by
     piece between the attention calls (generating C++ here)."""
-    from tfbackend.attention import ForwardContext, forward_context, metadata_for_chunks
-    from tfbackend.attention.torch_backend import TorchAttentionBackend
     from tfbackend.engine.piecewise_compile import piecewise_inductor
+
+    model, spec = _load_share(model_dir, model_impl)
+    compiled = torch.compile(model.forward, dynamic=True, fullgraph=True, backend=backend or piecewise_inductor)
+    return (_prefill_hidden(model.forward, spec) - _prefill_hidden(compiled, spec)).abs().max().item()
+
+
+def saved_forward_difference(model_dir: Path, model_impl: str) -> float:
+    """Run on every rank: this rank's share compiled ahead of time and saved (``aot_compile.py``), then loaded
+    as the next start would (on a fresh dynamo), all-reduces included; the largest difference of the loaded
+    forward's hidden states from the eager ones."""
+    import torch.distributed as dist
+
+    from tfbackend.engine.cuda_graphs import CompiledForward
+
+    model, spec = _load_share(model_dir, model_impl)
+    path = Path(model_dir) / "aot" / f"rank{dist.get_rank()}.bin"
+    saving = CompiledForward(model, path)
+    _prefill_hidden(saving, spec)
+    if saving.aot_function is None or saving.aot_loaded:
+        raise AssertionError(f"rank {dist.get_rank()} did not compile and save its forward")
+    torch._dynamo.reset()
+    loaded = CompiledForward(model, path)
+    hidden = _prefill_hidden(loaded, spec)
+    if not loaded.aot_loaded:
+        raise AssertionError(f"rank {dist.get_rank()} did not load its saved forward")
+    return (_prefill_hidden(model.forward, spec) - hidden).abs().max().item()
+
+
+def _load_share(model_dir: Path, model_impl: str):
     from tfbackend.hf_classes import load_hf_config
-    from tfbackend.kv_cache import KVCache
     from tfbackend.registry import load_model
 
     model, _ = load_model(model_dir, load_hf_config(model_dir, False), model_impl, torch.float32, torch.device("cpu"))
-    spec = KVCacheSpec(tuple(model.attention_layers()), torch.float32, 4)
-    compiled = torch.compile(model.forward, dynamic=True, fullgraph=True, backend=backend or piecewise_inductor)
-    hidden = []
-    for forward in (model.forward, compiled):
-        block_tables = torch.arange(4, dtype=torch.int32)[None]
-        positions, metadata = metadata_for_chunks([0], [11], block_tables, 4)
-        context = ForwardContext(metadata, KVCache(spec, 4, torch.device("cpu")), TorchAttentionBackend())
-        with torch.inference_mode(), forward_context(context):
-            hidden.append(forward(torch.arange(3, 14), positions))
-    return (hidden[0] - hidden[1]).abs().max().item()
+    return model, KVCacheSpec(tuple(model.attention_layers()), torch.float32, 4)
+
+
+def _prefill_hidden(forward, spec: KVCacheSpec) -> torch.Tensor:
+    """``forward``'s hidden states for an 11-token prefill into a fresh cache."""
+    from tfbackend.attention import ForwardContext, forward_context, metadata_for_chunks
+    from tfbackend.attention.torch_backend import TorchAttentionBackend
+    from tfbackend.kv_cache import KVCache
+
+    block_tables = torch.arange(4, dtype=torch.int32)[None]
+    positions, metadata = metadata_for_chunks([0], [11], block_tables, 4)
+    context = ForwardContext(metadata, KVCache(spec, 4, torch.device("cpu")), TorchAttentionBackend())
+    with torch.inference_mode(), forward_context(context):
+        return forward(torch.arange(3, 14), positions)

@@ -9,7 +9,13 @@ own heads (or, replicated, the one KV head its query heads read) and its own sta
 from __future__ import annotations
 
 import pytest
-from tests.parallel_runs import NEW_TOKENS, compiled_forward_difference, generate, prompts_below
+from tests.parallel_runs import (
+    NEW_TOKENS,
+    compiled_forward_difference,
+    generate,
+    prompts_below,
+    saved_forward_difference,
+)
 from tests.tiny_models import hf_greedy, make_checkpoint
 
 from tfbackend.distributed.launch import run_spmd
@@ -93,3 +99,11 @@ def test_tensor_parallel_model_compiles_as_one_graph(model_type, model_impl, tmp
     rendezvous = Rendezvous("127.0.0.1", free_port(), 2, 1, 1, "cpu")
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # the ranks compile afresh
     assert run_spmd(compiled_forward_difference, (tmp_path, model_impl), rendezvous) < 1e-4
+
+
+def test_tensor_parallel_compiled_forward_saves_and_loads_per_rank(tmp_path, monkeypatch):
+    """Each rank saves its share's compiled forward (its all-reduces inside) and a second start loads it."""
+    make_checkpoint("llama", tmp_path)
+    rendezvous = Rendezvous("127.0.0.1", free_port(), 2, 1, 1, "cpu")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    assert run_spmd(saved_forward_difference, (tmp_path, "native"), rendezvous) < 1e-4
