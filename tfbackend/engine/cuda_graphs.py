@@ -19,6 +19,7 @@ over host lists and always runs eagerly.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -125,7 +126,8 @@ class CompiledForward:
                     return out
                 except Exception as error:  # stale or unreadable: compile it again
                     logger.info("the saved compiled forward %s does not load (%s); compiling it again", path, error)
-                    path.unlink(missing_ok=True)
+                    with contextlib.suppress(OSError):
+                        path.unlink(missing_ok=True)
             try:
                 torch._dynamo.decorators.mark_unbacked(input_ids, 0)
                 torch._dynamo.decorators.mark_unbacked(positions, 0)
@@ -135,8 +137,9 @@ class CompiledForward:
             except Exception as error:
                 logger.info("%s does not compile ahead of time (%s: %s); compiling in process from now on",
                             type(self.model).__name__, type(error).__name__, error)
-                skip_marker.parent.mkdir(parents=True, exist_ok=True)
-                skip_marker.write_text(f"{type(error).__name__}: {error}\n")
+                with contextlib.suppress(OSError):  # a read-only cache: the next start tries again, no harm done
+                    skip_marker.parent.mkdir(parents=True, exist_ok=True)
+                    skip_marker.write_text(f"{type(error).__name__}: {error}\n")
                 return None
         self.aot_function = function
         logger.info("compiled forward saved to %s", path)
