@@ -13,8 +13,15 @@ from torch._dynamo.utils import counters
 
 from tests.test_piecewise_compile import engine_tokens, greedy_tokens
 from tests.tiny_models import make_checkpoint
+from tfbackend.bench.cold import compile_cache_env
 from tfbackend.engine import aot_compile, worker
-from tfbackend.engine.compile_cache import INDUCTOR_CACHE_ENV, TRITON_CACHE_ENV, aot_artifact_path
+from tfbackend.engine.compile_cache import (
+    AOT_CACHE_ENV,
+    INDUCTOR_CACHE_ENV,
+    TRITON_CACHE_ENV,
+    aot_artifact_path,
+    aot_cache_dir,
+)
 from tfbackend.engine.cuda_graphs import CompiledForward
 
 MAX_MODEL_LEN = 128
@@ -23,6 +30,7 @@ MAX_MODEL_LEN = 128
 @pytest.fixture(autouse=True)
 def empty_compile_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("TFBACKEND_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv(AOT_CACHE_ENV, raising=False)  # the saved forwards: under TFBACKEND_CACHE
     monkeypatch.setenv(INDUCTOR_CACHE_ENV, str(tmp_path / "inductor"))
     monkeypatch.setenv(TRITON_CACHE_ENV, str(tmp_path / "triton"))
     torch._dynamo.reset()
@@ -107,6 +115,16 @@ def test_the_saved_forward_is_keyed_by_what_the_compiled_code_depends_on(tmp_pat
     factors = {"config": "{}", "dtype": "torch.bfloat16", "device": ["cuda", "NVIDIA H100", [9, 0]]}
     path = aot_artifact_path(tmp_path, Embed(), factors)
     assert path == aot_artifact_path(tmp_path, Embed(), dict(factors))
-    assert path.parent == tmp_path / "compile" / "aot"
+    assert path.parent == tmp_path
     assert path != aot_artifact_path(tmp_path, Embed(), factors | {"dtype": "torch.float16"})
     assert path != aot_artifact_path(tmp_path, torch.nn.Linear(1, 1), factors)
+
+
+def test_saved_forwards_live_under_the_cache_root_unless_the_variable_names_a_folder(tmp_path, monkeypatch):
+    assert aot_cache_dir(tmp_path) == tmp_path / "compile" / "aot"
+    monkeypatch.setenv(AOT_CACHE_ENV, str(tmp_path / "elsewhere"))
+    assert aot_cache_dir(tmp_path) == tmp_path / "elsewhere"
+    # `bench --cold` points it into the run's empty cache folder: a cold start finds no saved forward.
+    for name, value in compile_cache_env(tmp_path / "cold").items():
+        monkeypatch.setenv(name, value)
+    assert aot_cache_dir(tmp_path) == tmp_path / "cold" / "aot"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tfbackend.bench.workloads import ThroughputResult, ThroughputWorkload, greedy, run_throughput
 from tfbackend.config import EngineConfig
-from tfbackend.engine.compile_cache import INDUCTOR_CACHE_ENV, TRITON_CACHE_ENV
+from tfbackend.engine.compile_cache import AOT_CACHE_ENV, INDUCTOR_CACHE_ENV, TRITON_CACHE_ENV
 from tfbackend.kv_cache import KVCacheSpec
 
 
@@ -68,8 +68,10 @@ def _in_fresh_process(
 
 
 def compile_cache_env(cache: Path) -> dict[str, str]:
-    """The environment that points the compile caches into ``cache`` (the layout a cold run fills)."""
-    return {INDUCTOR_CACHE_ENV: str(cache / "inductor"), TRITON_CACHE_ENV: str(cache / "triton")}
+    """The environment that points the compile caches (the saved compiled forwards too) into ``cache`` (the
+    layout a cold run fills)."""
+    return {INDUCTOR_CACHE_ENV: str(cache / "inductor"), TRITON_CACHE_ENV: str(cache / "triton"),
+            AOT_CACHE_ENV: str(cache / "aot")}
 
 
 def _child(

@@ -7,8 +7,8 @@ directory that outlives the process; torch's default is under ``/tmp``, which ma
 ``~/.triton``, shared with every other program. Pointing them at ``$TFBACKEND_CACHE/compile`` keeps them with
 the converted models and lets ``bench --cold`` start from an empty one.
 
-The ahead-of-time compiled forward (``aot_compile.py``) is kept there too, under ``compile/aot``, one file per
-model, configuration and set of versions (``aot_artifact_path``).
+The ahead-of-time compiled forward (``aot_compile.py``) is kept there too, under ``compile/aot`` (or
+``$TFBACKEND_AOT_CACHE_DIR``), one file per model, configuration and set of versions (``aot_artifact_path``).
 
 The environment variables are read lazily, when something first compiles, so they must be set before that
 (the engine does it first thing). A value the user set is left alone; so is one torch set itself when this
@@ -34,6 +34,8 @@ logger = logging.getLogger(__name__)
 # generated ones too, when TRITON_CACHE_DIR is set).
 INDUCTOR_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
 TRITON_CACHE_ENV = "TRITON_CACHE_DIR"
+# The saved compiled forwards (aot_compile.py) go here when it is set, else under the cache root's compile/aot.
+AOT_CACHE_ENV = "TFBACKEND_AOT_CACHE_DIR"
 _SOURCE_ROOT = Path(__file__).resolve().parent.parent  # the tfbackend package
 
 
@@ -64,7 +66,13 @@ def configure_compile_cache(cache_root: Path) -> CompileCacheDirs:
     return result
 
 
-def aot_artifact_path(cache_root: Path, model: torch.nn.Module, factors: dict[str, Any]) -> Path:
+def aot_cache_dir(cache_root: Path) -> Path:
+    """Where saved compiled forwards live: ``$TFBACKEND_AOT_CACHE_DIR``, else ``cache_root/compile/aot``. Read,
+    never written to the environment: only torch's and Triton's caches need their variables set."""
+    return Path(os.environ.get(AOT_CACHE_ENV) or Path(cache_root) / "compile" / "aot")
+
+
+def aot_artifact_path(directory: Path, model: torch.nn.Module, factors: dict[str, Any]) -> Path:
     """Where the ahead-of-time compiled forward of ``model`` (``aot_compile.py``) lives for these ``factors``
     (config, dtype, device, ranks...): a file named by the hash of them, the model's class, the installed
     versions and this package's sources."""
@@ -75,11 +83,11 @@ def aot_artifact_path(cache_root: Path, model: torch.nn.Module, factors: dict[st
         "sources": _sources_digest(),
         "environment": {name: value for name, value in os.environ.items()
                         if name.startswith(("TFBACKEND_", "TORCHINDUCTOR_", "TORCH_COMPILE"))
-                        and name not in ("TFBACKEND_CACHE", "TORCHINDUCTOR_CACHE_DIR")},
+                        and name not in ("TFBACKEND_CACHE", INDUCTOR_CACHE_ENV, AOT_CACHE_ENV)},
         **factors,
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:32]
-    return Path(cache_root) / "compile" / "aot" / f"{digest}.bin"
+    return Path(directory) / f"{digest}.bin"
 
 
 def _version(package: str) -> str | None:

@@ -31,7 +31,7 @@ from tfbackend.distributed.rendezvous import (
     init_rank,
     joined_key,
 )
-from tfbackend.engine.compile_cache import aot_artifact_path, configure_compile_cache
+from tfbackend.engine.compile_cache import aot_artifact_path, aot_cache_dir, configure_compile_cache
 from tfbackend.engine.cuda_graphs import GRAPH_SAFE_BACKENDS, CompiledForward
 from tfbackend.engine.memory import kv_cache_budget, plan_cache
 from tfbackend.engine.model_files import max_model_len
@@ -156,7 +156,7 @@ class Worker:
         device = self.device
         device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
         capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
-        return aot_artifact_path(default_cache_dir(), self.model, {
+        return aot_artifact_path(aot_cache_dir(default_cache_dir()), self.model, {
             "config": hf_config.to_json_string(use_diff=False), "dtype": str(self.dtype),
             "device": [device.type, device_name, capability], "model_impl": self.model_impl,
             "quantization": self.config.quantization,
