@@ -161,6 +161,14 @@ def test_decode_tiles_follow_the_h100_measurements():
     assert decode_tiles(4096, 256, H100_SMS).block_k == DECODE_BLOCK_K
 
 
+def test_a_k_step_never_straddles_two_scale_blocks():
+    """Block-scaled weights (DeepSeek's 128 x 128) keep 128-wide K steps; wider blocks allow wider steps."""
+    for out_features, in_features in LLAMA_8B.values():
+        assert decode_tiles(out_features, in_features, H100_SMS, scale_block_k=128).block_k == DECODE_BLOCK_K
+    assert decode_tiles(4096, 4096, H100_SMS, scale_block_k=256).block_k == 256  # o: 512 unscaled
+    assert decode_tiles(4096, 4096, H100_SMS, scale_block_k=1024).block_k == 512
+
+
 # ---- which layers and batches take it -----------------------------------------------------------------------------
 
 PER_CHANNEL = ScaleGrid(torch.ones(4096, 1), 1, 4096)

@@ -8,9 +8,9 @@ itself. Ours can (``PiecewiseArtifact``): the graph split at the attention calls
 Inductor output as a standalone artifact (``torch._inductor.standalone_compile``). Loading it runs no trace and
 no compile, only the loads.
 
-The artifact is keyed by everything the compiled code depends on (``compile_cache.aot_artifact_path``): the model's class and
-config, dtype, device, ranks, quantization and the versions of torch, triton, transformers and this package's
-own sources. Guards on object identities (which no other process can satisfy) are not saved; the key stands in
+The artifact is keyed by everything the compiled code depends on (``compile_cache.aot_artifact_path``): the
+model's class and config, dtype, device, ranks, quantization and the versions of torch, triton, transformers and
+this package's own sources. Guards on object identities (which no other process can satisfy) are not saved; the key stands in
 for them. torch calls these APIs experimental: whatever fails here (an older torch, a model that does not trace
 as one graph, a guard that cannot be saved, a saved function whose guards reject the inputs) falls back to the
 plain torch.compile path, with a log line saying why.

@@ -88,8 +88,7 @@ class CompiledForward:
                 return out
         if self.compiled is not None:
             if self.unbacked_tokens:
-                torch._dynamo.decorators.mark_unbacked(input_ids, 0)
-                torch._dynamo.decorators.mark_unbacked(positions, 0)
+                _mark_tokens_unbacked(input_ids, positions)
             try:
                 with self.specialize_floats:
                     return self.compiled(input_ids, positions)
@@ -129,8 +128,7 @@ class CompiledForward:
                     with contextlib.suppress(OSError):
                         path.unlink(missing_ok=True)
             try:
-                torch._dynamo.decorators.mark_unbacked(input_ids, 0)
-                torch._dynamo.decorators.mark_unbacked(positions, 0)
+                _mark_tokens_unbacked(input_ids, positions)
                 function = aot_compile.compile_and_save(forward, (input_ids, positions), path)
                 out = function(self.model, input_ids, positions)
                 function.disable_guard_check()
@@ -144,6 +142,12 @@ class CompiledForward:
         self.aot_function = function
         logger.info("compiled forward saved to %s", path)
         return out
+
+
+def _mark_tokens_unbacked(*tensors: torch.Tensor) -> None:
+    """The token dimension is a size dynamo never guards on (see CompiledForward)."""
+    for tensor in tensors:
+        torch._dynamo.decorators.mark_unbacked(tensor, 0)
 
 
 def graph_batch_sizes(max_batch_size: int) -> list[int]:

@@ -5,15 +5,15 @@ static scale) and multiplied in FP8 by the path ``fp8_gemm_path`` picks: ``torch
 scales are one per row (``kernels/fp8_scaled_mm.py``), else the Triton GEMM of ``kernels/fp8_gemm.py``, which
 takes any scale grid. Dynamic input scales come from one Triton launch (``kernels/fp8_quant.py``). Small batches
 take the GEMM measured fastest for them (``fp8_gemm_for_tokens``): the Triton GEMM instead of ``_scaled_mm``, and
-for a single token of a long-K layer with dynamic per-token input scales one launch that quantizes as it
-multiplies (``kernels/fp8_decode_gemm.py``). On the GPU every call is one opaque op that makes that choice when it
-runs (``kernels/fp8_linear_op.py``), so a compiled model does not guard on the token count. The CPU reference quantizes the input
-the same way (``fp8.quantize_activation``) and multiplies the dequantized operands in float32.
+for a single token with dynamic per-token input scales one launch that quantizes as it multiplies
+(``kernels/fp8_decode_gemm.py``, tiled per shape by ``tiles.decode_tiles``). On the GPU every call is one opaque
+op that makes that choice when it runs (``kernels/fp8_linear_op.py``), so a compiled model does not guard on the
+token count. The CPU reference quantizes the input the same way (``fp8.quantize_activation``) and multiplies the
+dequantized operands in float32.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -203,10 +203,8 @@ class Fp8Linear(QuantizedLinear):
             device = self.weight.device
             # On CPU (the Triton interpreter, in tests) programs run one by one; 4 "SMs" give split-K work to test.
             num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-            tiles = decode_tiles(self.out_features, self.in_features, num_sms)
-            if self.grid.block_k < self.in_features and self.grid.block_k % tiles.block_k:
-                tiles = dataclasses.replace(tiles, block_k=DECODE_BLOCK_K)  # a K step must not straddle scale blocks
-            self.decode_tiles = tiles
+            scale_block_k = self.grid.block_k if self.grid.block_k < self.in_features else None
+            self.decode_tiles = decode_tiles(self.out_features, self.in_features, num_sms, scale_block_k)
             self.decode_counters = decode_counters(self.out_features, device)
 
     def gemm_for_tokens(self, num_tokens: int) -> str:

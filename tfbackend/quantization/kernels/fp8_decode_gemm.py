@@ -26,8 +26,8 @@ kernel is built to keep every SM streaming and to launch once:
   shape (``benchmarks/fp8_decode_probe.py``) and chosen by ``tiles.decode_tiles``.
 
 Weight scales: any grid whose scale is constant over each K step (per tensor, per channel, or ``block_k`` a
-multiple of the step, which is 128 or a multiple of it); a grid that changes along K scales each step's partial product before it is
-accumulated, as ``fp8_gemm`` does.
+multiple of the step, which is 128 or a multiple of it); a grid that changes along K scales each step's partial
+product before it is accumulated, as ``fp8_gemm`` does.
 """
 
 from __future__ import annotations

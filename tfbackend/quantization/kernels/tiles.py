@@ -59,8 +59,9 @@ class DecodeTiles:
     gemv: bool = False
 
 
-def decode_tiles(out_features: int, in_features: int, num_sms: int) -> DecodeTiles:
-    """The decode GEMM's tiling of an ``N x K`` weight for one token, as measured on an H100
+def decode_tiles(out_features: int, in_features: int, num_sms: int, scale_block_k: int | None = None) -> DecodeTiles:
+    """The decode GEMM's tiling of an ``N x K`` weight for one token whose scales change every ``scale_block_k``
+    input features (None: constant along K), as measured on an H100
     (``benchmarks/fp8_decode_probe.py``, 2026-11-28, Llama-3.1-8B's projections streamed from HBM):
 
     - Wider K steps than 128 won on every projection.
@@ -74,7 +75,8 @@ def decode_tiles(out_features: int, in_features: int, num_sms: int) -> DecodeTil
     """
     def k_step(widest: int) -> int:
         step = DECODE_BLOCK_K
-        while step < widest and in_features >= 8 * step:  # doubled, K still has 4 steps at least
+        # Doubled while K still has 4 steps at least and a step does not straddle two scale blocks.
+        while step < widest and in_features >= 8 * step and (scale_block_k is None or scale_block_k % (2 * step) == 0):
             step *= 2
         return step
 
