@@ -138,18 +138,25 @@ def _serializable_guards(entries) -> list[bool]:
             for entry in entries]
 
 
+def _precompile_enabled():
+    """torch 2.11 keeps precompile behind a dynamo flag that is off by default (2.13 turns it on):
+    ``torch.compile`` gives its wrapper ``aot_compile`` only while the flag is on."""
+    return torch._dynamo.config.patch(enable_aot_compile=True)
+
+
 def compile_and_save(forward: Callable[..., Any], example_args: tuple[Any, ...], path: Path) -> Callable[..., Any]:
     """Trace ``forward`` (a bound method) as one graph for ``example_args``, compile it piecewise, save it to
     ``path``; returns the compiled function, called as ``fn(module, *args)``. Raises if any of it fails."""
-    compiled = torch.compile(forward, fullgraph=True, dynamic=True, backend=piecewise_standalone,
-                             options={"guard_filter_fn": _serializable_guards})
-    function = compiled.aot_compile((example_args, {}))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    function.save_compiled_function(str(path))  # written atomically
+    with _precompile_enabled():
+        compiled = torch.compile(forward, fullgraph=True, dynamic=True, backend=piecewise_standalone,
+                                 options={"guard_filter_fn": _serializable_guards})
+        function = compiled.aot_compile((example_args, {}))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        function.save_compiled_function(str(path))  # written atomically
     return function
 
 
 def load(path: Path, forward: Callable[..., Any]) -> Callable[..., Any]:
     """The function ``compile_and_save`` saved to ``path``, for the method ``forward`` of a module."""
-    with open(path, "rb") as file:
+    with _precompile_enabled(), open(path, "rb") as file:
         return torch.compiler.load_compiled_function(file, f_globals=forward.__func__.__globals__)
