@@ -5,7 +5,8 @@ dynamo and inductor know them (a compiled model stays one graph, collectives inc
 plain kernels on the stream, which graph capture records. Each op is followed by its ``wait_tensor`` at once,
 so eager code gets an ordinary tensor (``torch.distributed._functional_collectives`` would hand back a lazy
 wrapper subclass, which HF modules should never see). Groups are referred to by name, a string that traces as
-a constant.
+a constant. All-reduces of CUDA tensors go through ``peer_all_reduce``'s op, which takes peer memory for small
+messages where the group has it and NCCL otherwise.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from tfbackend.distributed import peer_all_reduce
 
 _ops = torch.ops._c10d_functional
 
@@ -36,6 +39,8 @@ class CommGroup:
         """The sum of every rank's ``x``."""
         if self.size == 1:
             return x
+        if x.is_cuda:
+            return peer_all_reduce.peer_all_reduce(x.contiguous(), self.name)
         return _ops.wait_tensor(_ops.all_reduce(x.contiguous(), "sum", self.name))
 
     def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from tfbackend.distributed import peer_all_reduce
 from tfbackend.distributed.comm import CommGroup
 from tfbackend.distributed.state import ParallelContext
 
@@ -131,6 +132,8 @@ def init_rank(rendezvous: Rendezvous, rank: int, store: dist.Store) -> ParallelC
     world = CommGroup.of(dist.group.WORLD, world_ranks)
     if cuda:  # bring NCCL up now, not inside the first forward (or a CUDA graph capture)
         dist.all_reduce(torch.zeros(1, device=device))
+        if rendezvous.local_size % tp_size == 0:  # this stage's ranks share a node: small all-reduces via NVLink
+            peer_all_reduce.enable(tp.name, tp.rank, tp.size, device)
     return ParallelContext(
         rank=rank, world_size=rendezvous.world_size, local_rank=local_rank, local_size=rendezvous.local_size,
         tp=tp, pp_rank=rank // tp_size,
@@ -146,6 +149,7 @@ def close_process_groups(timeout: float = CLOSE_TIMEOUT) -> None:
     it waits ``timeout`` seconds at most, then gives up with a warning (the process can still exit)."""
     if not dist.is_initialized():
         return
+    peer_all_reduce.release()
 
     def destroy() -> None:
         try:

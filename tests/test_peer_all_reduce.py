@@ -1,0 +1,69 @@
+"""The all-reduce op that tensor-parallel models call on CUDA tensors: peer memory for the messages torch's
+kernels take, the process group's own all-reduce for every other message and wherever peer memory cannot be set
+up. The peer kernels need GPUs of one node (``benchmarks/allreduce_probe.py`` checks them there against NCCL);
+on CPU, with gloo, these tests check the op's contract, its fallback and that it compiles as one graph."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from tfbackend.distributed import peer_all_reduce
+from tfbackend.distributed.peer_all_reduce import BUFFER_BYTES, PeerBuffer
+
+
+@pytest.mark.parametrize(("shape", "dtype", "fits"), [
+    ((256, 4096), torch.bfloat16, True),  # a decode step's message
+    ((1, 4096), torch.float32, True),
+    ((3,), torch.bfloat16, False),  # 6 bytes: not whole 4-byte words
+    ((256, 4096), torch.float16, False),  # torch's kernels take bf16 and float32 only
+    ((BUFFER_BYTES // 2 + 2,), torch.bfloat16, False),  # larger than the buffer
+    ((0, 4096), torch.bfloat16, False),
+])
+def test_which_messages_take_peer_memory(shape, dtype, fits):
+    assert PeerBuffer.fits(torch.empty(shape, dtype=dtype)) is fits
+
+
+def test_group_sizes_the_kernels_lack_stay_on_nccl(caplog):
+    with caplog.at_level(logging.INFO, logger=peer_all_reduce.__name__):
+        assert not peer_all_reduce.enable("any", 0, 3, torch.device("cpu"))
+    assert "not 3" in caplog.text
+
+
+def _rank(rank: int, world_size: int, init_file: str, results) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        group = dist.group.WORLD.group_name
+        enabled = peer_all_reduce.enable(group, rank, world_size, torch.device("cpu"))
+        x = torch.arange(12, dtype=torch.float32).view(3, 4) * (rank + 1)
+        eager = torch.ops.tfbackend.peer_all_reduce(x, group)
+        compiled = torch.compile(lambda t: torch.ops.tfbackend.peer_all_reduce(t * 2, group) + 1,
+                                 fullgraph=True, backend="aot_eager")(x)
+        results.put((rank, enabled, eager.tolist(), compiled.tolist()))  # lists: tensors die with the process
+    finally:
+        dist.destroy_process_group()
+
+
+def test_op_sums_over_the_group_and_falls_back_where_peer_memory_is_missing(tmp_path):
+    """On CPU there is no peer memory: ``enable`` says so instead of raising, and the op sums through gloo,
+    eagerly and inside a compiled graph."""
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    init_file = str(tmp_path / "rendezvous")
+    processes = [context.Process(target=_rank, args=(rank, 2, init_file, results)) for rank in range(2)]
+    for process in processes:
+        process.start()
+    outcomes = sorted(results.get(timeout=120) for _ in processes)
+    for process in processes:
+        process.join(timeout=60)
+        assert process.exitcode == 0
+    expected = torch.arange(12, dtype=torch.float32).view(3, 4) * 3
+    for _rank_index, enabled, eager, compiled in outcomes:
+        assert not enabled
+        assert eager == expected.tolist()
+        assert compiled == (expected * 2 + 1).tolist()
+
