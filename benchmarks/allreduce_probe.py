@@ -25,11 +25,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
-from tfbackend.distributed import peer_all_reduce  # noqa: E402
+from tfbackend.distributed import peer_all_reduce
 
 TOKENS = (1, 8, 32, 128, 256, 512, 1024, 2048, 4096, 8192)
 REPEATS = 20
@@ -93,14 +93,14 @@ def worker(rank: int, world_size: int, hidden: int, port: int) -> None:
         x = torch.randn(tokens, hidden, dtype=torch.bfloat16, device=device, generator=generator)
         expected = methods["nccl"](x.clone())
         row = [tokens, tokens * hidden * 2 / 2**20]
-        for name, fn in methods.items():
+        for fn in methods.values():
             try:
                 got = fn(x)
                 torch.cuda.synchronize()
                 if not torch.allclose(got.float(), expected.float(), atol=1e-2, rtol=1e-2):
                     row.append("WRONG")
                     continue
-                row.append(f"{time_graph(lambda: fn(x)):.1f}")
+                row.append(f"{time_graph(lambda fn=fn, x=x: fn(x)):.1f}")
             except Exception as error:  # noqa: BLE001 - a method this torch or machine lacks is reported, not fatal
                 row.append(f"n/a ({type(error).__name__}: {str(error)[:60]})")
         rows.append(row)
