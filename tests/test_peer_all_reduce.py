@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from tfbackend.distributed import peer_all_reduce
+from tfbackend.distributed.comm import CommGroup
 from tfbackend.distributed.peer_all_reduce import BUFFER_BYTES, PeerBuffer
 
 
@@ -30,40 +31,65 @@ def test_which_messages_take_peer_memory(shape, dtype, fits):
 
 def test_group_sizes_the_kernels_lack_stay_on_nccl(caplog):
     with caplog.at_level(logging.INFO, logger=peer_all_reduce.__name__):
-        assert not peer_all_reduce.enable("any", 0, 3, torch.device("cpu"))
+        assert not peer_all_reduce.enable(CommGroup(rank=0, size=3, name="any"), torch.device("cpu"))
     assert "not 3" in caplog.text
 
 
-def _rank(rank: int, world_size: int, init_file: str, results) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
-        group = dist.group.WORLD.group_name
-        enabled = peer_all_reduce.enable(group, rank, world_size, torch.device("cpu"))
-        x = torch.arange(12, dtype=torch.float32).view(3, 4) * (rank + 1)
-        eager = torch.ops.tfbackend.peer_all_reduce(x, group)
-        compiled = torch.compile(lambda t: torch.ops.tfbackend.peer_all_reduce(t * 2, group) + 1,
-                                 fullgraph=True, backend="aot_eager")(x)
-        results.put((rank, enabled, eager.tolist(), compiled.tolist()))  # lists: tensors die with the process
-    finally:
-        dist.destroy_process_group()
-
-
-def test_op_sums_over_the_group_and_falls_back_where_peer_memory_is_missing(tmp_path):
-    """On CPU there is no peer memory: ``enable`` says so instead of raising, and the op sums through gloo,
-    eagerly and inside a compiled graph."""
+def _run_ranks(target, tmp_path, world_size: int = 2) -> list:
+    """Run ``target(rank, results)`` in a gloo group of ``world_size`` processes; what each put, by rank."""
     context = mp.get_context("spawn")
     results = context.Queue()
     init_file = str(tmp_path / "rendezvous")
-    processes = [context.Process(target=_rank, args=(rank, 2, init_file, results)) for rank in range(2)]
+    processes = [context.Process(target=_rank_main, args=(target, rank, world_size, init_file, results))
+                 for rank in range(world_size)]
     for process in processes:
         process.start()
     outcomes = sorted(results.get(timeout=120) for _ in processes)
     for process in processes:
         process.join(timeout=60)
         assert process.exitcode == 0
+    return [outcome for _, outcome in outcomes]
+
+
+def _rank_main(target, rank: int, world_size: int, init_file: str, results) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        group = CommGroup.of(dist.group.WORLD, list(range(world_size)))
+        results.put((rank, target(group)))
+    finally:
+        dist.destroy_process_group()
+
+
+def _sums(group: CommGroup) -> tuple:
+    enabled = peer_all_reduce.enable(group, torch.device("cpu"))
+    x = torch.arange(12, dtype=torch.float32).view(3, 4) * (group.rank + 1)
+    eager = torch.ops.tfbackend.peer_all_reduce(x, group.name)
+    compiled = torch.compile(lambda t: torch.ops.tfbackend.peer_all_reduce(t * 2, group.name) + 1,
+                             fullgraph=True, backend="aot_eager")(x)
+    return enabled, eager.tolist(), compiled.tolist()  # lists: tensors die with the process
+
+
+def test_op_sums_over_the_group_and_falls_back_where_peer_memory_is_missing(tmp_path):
+    """On CPU there is no peer memory: ``enable`` says so instead of raising, and the op sums through gloo,
+    eagerly and inside a compiled graph."""
     expected = torch.arange(12, dtype=torch.float32).view(3, 4) * 3
-    for _rank_index, enabled, eager, compiled in outcomes:
+    for enabled, eager, compiled in _run_ranks(_sums, tmp_path):
         assert not enabled
         assert eager == expected.tolist()
         assert compiled == (expected * 2 + 1).tolist()
+
+
+def _enable_after_an_earlier_engine_on_rank_0(group: CommGroup) -> tuple[bool, bool]:
+    if group.rank == 0:  # the driver process ran an engine before; this rank's worker is a fresh process
+        peer_all_reduce._names_mapped.add(group.name)
+    enabled = peer_all_reduce.enable(group, torch.device("cpu"))
+    return enabled, group.name in peer_all_reduce._names_mapped  # mapped here: tried (and would wait forever)
+
+
+def test_a_group_name_is_mapped_once_per_process_and_the_ranks_agree(tmp_path):
+    """torch cannot map a group name's peer memory twice in one process (a later engine's groups reuse the
+    names): when any rank mapped it before, no rank tries again, so none of them waits for the others."""
+    (enabled_0, _), (enabled_1, tried_1) = _run_ranks(_enable_after_an_earlier_engine_on_rank_0, tmp_path)
+    assert not enabled_0 and not enabled_1
+    assert not tried_1
 

@@ -17,8 +17,13 @@ call it by name, whatever this process's peer buffer turned out to be.
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import torch
+import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from tfbackend.distributed.comm import CommGroup
 
 logger = logging.getLogger(__name__)
 
@@ -64,32 +69,42 @@ class PeerBuffer:
 
 
 _buffers: dict[str, PeerBuffer] = {}
+_names_mapped: set[str] = set()
 
 
-def enable(group_name: str, rank: int, group_size: int, device: torch.device) -> bool:
-    """Set up the peer path for a group of ranks on this node's GPUs; collective over the group (every rank
-    calls it, ``rank`` being its index in the group). Checks a one-shot and a two-shot all-reduce against the exact sum; whatever fails (a torch
-    without these kernels, a machine that does not map peer memory) leaves the group on NCCL, with a log line
-    saying why. Returns whether the peer path is on."""
-    if group_size not in PEER_WORLD_SIZES:
+def enable(group: CommGroup, device: torch.device) -> bool:
+    """Set up the peer path for a group of ranks on this node's GPUs; collective over the group (each of its
+    ranks calls it). Checks a one-shot and a two-shot all-reduce against the exact sum; whatever fails (a torch
+    without these kernels, a machine that does not map peer memory) leaves the group on the process group's own
+    all-reduce (NCCL), with a log line saying why. Returns whether the peer path is on."""
+    if group.size not in PEER_WORLD_SIZES:
         logger.info("all-reduce through peer memory needs 2, 4 or 8 ranks, not %d; the process group's backend "
-                    "does every all-reduce", group_size)
+                    "does every all-reduce", group.size)
         return False
+    # torch keeps a group name's peer mapping for the life of the process, and names start again from "0" when
+    # the groups of a later engine in the same process are made: mapping that name again waits forever. So each
+    # name is mapped once per process, and the group's ranks agree (a later engine's fresh workers would not know).
+    fresh = torch.tensor([int(group.name not in _names_mapped)], device=device)
+    dist.all_reduce(fresh, op=dist.ReduceOp.MIN, group=group.group)
+    if not fresh.item():
+        logger.info("all-reduce through peer memory was set up for group %s by an earlier engine of this "
+                    "process and cannot be again; the process group's backend does every all-reduce", group.name)
+        return False
+    _names_mapped.add(group.name)
     try:
-        buffer = PeerBuffer(group_name, device)
+        buffer = PeerBuffer(group.name, device)
         for numel in (64, 2 * ONE_SHOT_MAX_BYTES // 4):  # one-shot, then two-shot; integers, so sums are exact
             values = torch.arange(numel, dtype=torch.float32, device=device)
-            got = buffer.all_reduce(values * (rank + 1))
-            if not torch.equal(got, values * (group_size * (group_size + 1) // 2)):
+            got = buffer.all_reduce(values * (group.rank + 1))
+            if not torch.equal(got, values * (group.size * (group.size + 1) // 2)):
                 raise RuntimeError(f"the sum of {numel} values differs from the exact one")
     except Exception as error:  # noqa: BLE001 - any failure means NCCL does the job, as before
         logger.warning("all-reduce through peer memory is off for group %s (%s: %s); the process group's backend "
-                       "does every all-reduce",
-                       group_name, type(error).__name__, error)
+                       "does every all-reduce", group.name, type(error).__name__, error)
         return False
-    _buffers[group_name] = buffer
+    _buffers[group.name] = buffer
     logger.info("all-reduce through peer memory for messages up to %d MiB (group %s, %d ranks)",
-                BUFFER_BYTES // 2**20, group_name, group_size)
+                BUFFER_BYTES // 2**20, group.name, group.size)
     return True
 
 
