@@ -8,6 +8,7 @@ their hash and stay findable until they are reused (least recently freed first).
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from tfbackend.engine.sequence import Sequence
@@ -21,6 +22,26 @@ class Block:
     token_ids: tuple[int, ...] = ()  # the block's tokens, to confirm a hash hit is not a collision
 
 
+class BlockRecords:
+    """Every block's record by id, each made when first used: a large GPU's cache has hundreds of thousands of
+    blocks, and making them all up front took over a second of startup."""
+
+    def __init__(self, num_blocks: int):
+        self._records: list[Block | None] = [None] * num_blocks
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __getitem__(self, block_id: int) -> Block:
+        block = self._records[block_id]
+        if block is None:
+            block = self._records[block_id] = Block(block_id)
+        return block
+
+    def __iter__(self) -> Iterator[Block]:
+        return (self[block_id] for block_id in range(len(self._records)))
+
+
 def chain_hash(parent: int | None, token_ids: tuple[int, ...]) -> int:
     return hash((parent, token_ids))
 
@@ -29,10 +50,10 @@ class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
-        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.blocks = BlockRecords(num_blocks)
         # Blocks with ref_count 0, in the order they should be reused; an OrderedDict so a cached
         # block can be taken back out of the middle in O(1) when a prefix hit revives it.
-        self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.cached: dict[int, int] = {}  # block hash -> block id
         self.prefix_queries = 0  # tokens of admitted sequences looked up in the prefix cache
         self.prefix_hits = 0  # of those, tokens found
