@@ -98,18 +98,18 @@ class LLMEngine:
             worker.attention_backend, worker.use_cuda_graphs, worker.forward
         )
         self.kv_cache = worker.kv_cache
-        prefix_caching = config.enable_prefix_caching and self.model.supports_prefix_caching
-        self.block_manager = BlockManager(self.kv_cache.num_blocks, config.block_size, prefix_caching)
-        self.scheduler = Scheduler(
-            self.block_manager, worker.max_num_seqs, worker.max_batched_tokens, self.model.supports_chunked_prefill
-        )
+        with self.startup.phase("build scheduler"):
+            prefix_caching = config.enable_prefix_caching and self.model.supports_prefix_caching
+            self.block_manager = BlockManager(self.kv_cache.num_blocks, config.block_size, prefix_caching)
+            self.scheduler = Scheduler(self.block_manager, worker.max_num_seqs, worker.max_batched_tokens,
+                                       self.model.supports_chunked_prefill)
+            self.vocab_size = hf_config.get_text_config().vocab_size
+            self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_token_ids)
+            self.output_processor = OutputProcessor(
+                self.tokenizer, self.eos_token_ids, self.max_model_len, self.scheduler, self.grammars
+            )
         self.run_ahead = self.device.type == "cuda"  # see step(); on a CPU nothing would overlap
         self._pending: PendingStep | None = None
-        self.vocab_size = hf_config.get_text_config().vocab_size
-        self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_token_ids)
-        self.output_processor = OutputProcessor(
-            self.tokenizer, self.eos_token_ids, self.max_model_len, self.scheduler, self.grammars
-        )
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self.compile_monitor.mark_ready()
