@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import gc
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -34,6 +35,8 @@ from tfbackend.llm import LLM
 from tfbackend.model_source import resolve_model
 from tfbackend.registry import MODEL_IMPLS
 from tfbackend.sampling_params import StructuredOutputsParams
+
+logger = logging.getLogger(__name__)
 
 
 def _choices(allowed: tuple[str, ...]):
@@ -307,6 +310,10 @@ def _run_all(args, base: EngineConfig, model_dir: Path, dtype, on_engine, on_hf_
     so the others' results still come out; with a single implementation the error stands."""
     rows = []
     impls = args.impl or [base.model_impl]
+    if base.world_size > 1 and len(impls) > 1 and base.torch_device().type == "cuda":
+        logger.warning("%s run in one process: the engines after the first do their all-reduces through NCCL only "
+                       "(torch sets up a group's peer memory once per process); run one --impl per bench to "
+                       "compare them on equal terms", ", ".join(impls))
     for impl in impls:
         try:
             rows += _with_engine(dataclasses.replace(base, model_impl=impl), on_engine)
