@@ -36,10 +36,14 @@ bench() {  # bench NAME SCENARIO ARGS...: one tfbackend bench run, its table kep
   local name=$1; shift
   $BENCH "$@" --output "$OUT/$name.json" > "$OUT/$name.log" 2>&1 || { echo "$name FAILED"; tail -30 "$OUT/$name.log"; }
 }
+# One implementation per process: torch sets up a group's peer memory (the small all-reduces) once per process.
 for tp in 1 2; do
-  has t1-8b-tp$tp && bench "t1-8b-tp$tp" throughput --random-weights llama-3.1-8b --impl native,transformers -tp $tp
-  has t2-8b-tp$tp && bench "t2-8b-tp$tp" latency --random-weights llama-3.1-8b --impl native,transformers -tp $tp \
-    --batch-size 1,8,32
+  for impl in native transformers; do
+    has t1-8b-tp$tp && bench "t1-8b-tp$tp-$impl" throughput --random-weights llama-3.1-8b --impl $impl -tp $tp \
+      --max-model-len 1024
+    has t2-8b-tp$tp && bench "t2-8b-tp$tp-$impl" latency --random-weights llama-3.1-8b --impl $impl -tp $tp \
+      --max-model-len 1024 --batch-size 1,8,32
+  done
 done
 has weights-70b && python3 -c 'from tfbackend.bench.presets import random_checkpoint; print(random_checkpoint("llama-3.1-70b"))'
 for impl in native transformers; do
