@@ -6,6 +6,7 @@ on CPU, with gloo, these tests check the op's contract, its fallback and that it
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 import torch
@@ -93,3 +94,17 @@ def test_a_group_name_is_mapped_once_per_process_and_the_ranks_agree(tmp_path):
     assert not enabled_0 and not enabled_1
     assert not tried_1
 
+
+
+def _enable_with_the_variable_on_rank_1_only(group: CommGroup) -> tuple[bool, bool]:
+    if group.rank == 1:
+        os.environ[peer_all_reduce.PEER_ALL_REDUCE_ENV] = "0"
+    enabled = peer_all_reduce.enable(group, torch.device("cpu"))
+    return enabled, group.name in peer_all_reduce._names_mapped
+
+
+def test_the_environment_turns_the_peer_path_off_on_every_rank(tmp_path):
+    """``TFBACKEND_PEER_ALL_REDUCE=0`` on any rank (another node's environment, say) keeps every rank on NCCL."""
+    (enabled_0, tried_0), (enabled_1, tried_1) = _run_ranks(_enable_with_the_variable_on_rank_1_only, tmp_path)
+    assert not enabled_0 and not enabled_1
+    assert not tried_0 and not tried_1

@@ -17,6 +17,7 @@ call it by name, whatever this process's peer buffer turned out to be.
 from __future__ import annotations
 
 import logging
+import os
 from typing import TYPE_CHECKING
 
 import torch
@@ -38,6 +39,9 @@ ONE_SHOT_MAX_BYTES = 256 * 2**10
 PEER_DTYPES = (torch.bfloat16, torch.float32)
 PEER_WORLD_SIZES = (2, 4, 8)
 WORD_BYTES = 4
+
+# "0" leaves every all-reduce to the process group's backend (NCCL), to compare or to rule the peer path out.
+PEER_ALL_REDUCE_ENV = "TFBACKEND_PEER_ALL_REDUCE"
 
 _functional = torch.ops._c10d_functional
 
@@ -83,10 +87,17 @@ def enable(group: CommGroup, device: torch.device) -> bool:
         return False
     # torch keeps a group name's peer mapping for the life of the process, and names start again from "0" when
     # the groups of a later engine in the same process are made: mapping that name again waits forever. So each
-    # name is mapped once per process, and the group's ranks agree (a later engine's fresh workers would not know).
-    fresh = torch.tensor([int(group.name not in _names_mapped)], device=device)
-    dist.all_reduce(fresh, op=dist.ReduceOp.MIN, group=group.group)
-    if not fresh.item():
+    # name is mapped once per process, and the group's ranks agree (a later engine's fresh workers would not know;
+    # nor does one node know another's environment).
+    wanted = os.environ.get(PEER_ALL_REDUCE_ENV, "1") != "0"
+    fresh = group.name not in _names_mapped
+    agreed = torch.tensor([int(wanted), int(fresh)], device=device)
+    dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=group.group)
+    if not agreed[0].item():
+        logger.info("all-reduce through peer memory is off (%s=0 on a rank of group %s)", PEER_ALL_REDUCE_ENV,
+                    group.name)
+        return False
+    if not agreed[1].item():
         logger.info("all-reduce through peer memory was set up for group %s by an earlier engine of this "
                     "process and cannot be again; the process group's backend does every all-reduce", group.name)
         return False
