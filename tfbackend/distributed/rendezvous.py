@@ -132,7 +132,7 @@ def init_rank(rendezvous: Rendezvous, rank: int, store: dist.Store) -> ParallelC
     world = CommGroup.of(dist.group.WORLD, world_ranks)
     if cuda:  # bring NCCL up now, not inside the first forward (or a CUDA graph capture)
         dist.all_reduce(torch.zeros(1, device=device))
-        if rendezvous.local_size % tp_size == 0:  # this stage's ranks share a node: small all-reduces via NVLink
+        if tp_size > 1 and rendezvous.local_size % tp_size == 0:  # the stage shares a node: all-reduces via NVLink
             peer_all_reduce.enable(tp, device)
     return ParallelContext(
         rank=rank, world_size=rendezvous.world_size, local_rank=local_rank, local_size=rendezvous.local_size,
