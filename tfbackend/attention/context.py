@@ -70,10 +70,25 @@ def paged_attention(
     ``layer_idx`` is the call site's index in the model's ``attention_layers()``. A site that shares another's
     KV stores nothing: its ``key`` and ``value`` are the owner's, already in the cache.
     """
-    return torch.ops.tfbackend.paged_attention(
-        layer_idx, query, key, value, options.scale, options.sliding_window, options.softcap, options.sinks,
-        options.chunk_size,
-    )
+    if torch.compiler.is_compiling():  # traced: one opaque op in the graph
+        return torch.ops.tfbackend.paged_attention(
+            layer_idx, query, key, value, options.scale, options.sliding_window, options.softcap, options.sinks,
+            options.chunk_size,
+        )
+    # Eager: the op's body, without the op's dispatch, whose first call imports dynamo (and with it Triton): a
+    # second that an eager CPU engine's first request would otherwise wait for.
+    return _attend_in_context(layer_idx, query, key, value, options)
+
+
+def _attend_in_context(
+    layer_idx: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, options: LayerAttentionOptions
+) -> torch.Tensor:
+    ctx = get_forward_context()
+    key_cache, value_cache = ctx.kv_cache.layers[layer_idx]
+    k_scale, v_scale = ctx.kv_cache.scales[layer_idx]
+    if ctx.kv_cache.writes[layer_idx]:
+        ctx.backend.write_kv(key, value, key_cache, value_cache, ctx.metadata.slot_mapping, k_scale, v_scale)
+    return ctx.backend.attend(query, key_cache, value_cache, ctx.metadata, options, k_scale, v_scale)
 
 
 # A custom op, so that torch.compile traces a whole model as one graph with attention as an opaque call (it
@@ -91,13 +106,8 @@ def _paged_attention_op(
     sinks: Optional[torch.Tensor],
     chunk_size: Optional[int],
 ) -> torch.Tensor:
-    ctx = get_forward_context()
-    key_cache, value_cache = ctx.kv_cache.layers[layer_idx]
-    k_scale, v_scale = ctx.kv_cache.scales[layer_idx]
-    if ctx.kv_cache.writes[layer_idx]:
-        ctx.backend.write_kv(key, value, key_cache, value_cache, ctx.metadata.slot_mapping, k_scale, v_scale)
     options = LayerAttentionOptions(scale, sliding_window, softcap, sinks, chunk_size)
-    return ctx.backend.attend(query, key_cache, value_cache, ctx.metadata, options, k_scale, v_scale)
+    return _attend_in_context(layer_idx, query, key, value, options)
 
 
 @_paged_attention_op.register_fake

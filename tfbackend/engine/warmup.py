@@ -70,6 +70,12 @@ def warmup_shapes(max_num_batched_tokens: int, max_num_seqs: int, max_model_len:
     return steps
 
 
+def first_steps(max_num_seqs: int) -> list[list[SequenceShape]]:
+    """A short prefill alone (every sampling feature) and a decode of two sequences: what an eager engine runs
+    before ready so that its first request does not pay the process's first-step costs."""
+    return [[(2, 0)], [(1, 0)] * min(2, max_num_seqs)]
+
+
 def run_warmup(runner: ModelRunner, shapes: list[list[SequenceShape]], block_size: int) -> None:
     """Run every step of ``shapes`` through ``runner`` (eagerly: it must have no CUDA graphs)."""
     for step in shapes:

@@ -39,7 +39,7 @@ from tfbackend.engine.model_runner import ModelRunner, StepInputs
 from tfbackend.engine.sampler import Sampler
 from tfbackend.engine.startup import StartupReport
 from tfbackend.engine.step_broadcast import StepBroadcast
-from tfbackend.engine.warmup import run_warmup, warmup_shapes
+from tfbackend.engine.warmup import SequenceShape, first_steps, run_warmup, warmup_shapes
 from tfbackend.hf_classes import load_hf_config
 from tfbackend.kv_cache import KVCache, KVCacheSpec
 from tfbackend.model_source import default_cache_dir
@@ -128,9 +128,9 @@ class Worker:
             self.model, self.kv_cache, self.attention_backend, sampler, self.device, self.forward, parallel,
             self.stages, send_step,
         )
-        if self._use_warmup():
+        shapes = self._warmup_steps(plan.max_num_seqs)
+        if shapes:
             with self.startup.phase("warm up"):
-                shapes = warmup_shapes(self.max_batched_tokens, plan.max_num_seqs, self.max_model_len)
                 run_warmup(self._scratch_runner(self.kv_cache, sampler), shapes, config.block_size)
         else:
             self.startup.skip("warm up", self._eager_reason())
@@ -163,11 +163,17 @@ class Worker:
             "ranks": [self.parallel.world_size, self.parallel.rank, self.parallel.tp.size],
         })
 
-    def _use_warmup(self) -> bool:
-        """Whether anything compiles lazily that a warm-up should compile before ready: the compiled forward, and
-        on GPU the Triton kernels. Models that keep per-sequence state (compat) cannot take synthetic steps."""
-        compiles = isinstance(self.forward, CompiledForward) or self.device.type == "cuda"
-        return compiles and not self.config.enforce_eager and self.model.sequence_state() is None
+    def _warmup_steps(self, max_num_seqs: int) -> list[list[SequenceShape]]:
+        """The warm-up's steps: one of every step shape class where something compiles lazily (the compiled
+        forward; on GPU the Triton kernels), else the first steps only, which pay a process's one-time costs
+        (torch imports dynamo at a custom op's first call: a second on a CPU, which the first request would
+        wait for). None for ``enforce_eager``, nor for models that keep per-sequence state (compat), which
+        cannot take synthetic steps."""
+        if self.config.enforce_eager or self.model.sequence_state() is not None:
+            return []
+        if isinstance(self.forward, CompiledForward) or self.device.type == "cuda":
+            return warmup_shapes(self.max_batched_tokens, max_num_seqs, self.max_model_len)
+        return first_steps(max_num_seqs)
 
     def _eager_reason(self) -> str:
         if self.config.enforce_eager:
