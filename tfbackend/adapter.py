@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -47,6 +48,24 @@ from tfbackend.quantization.config import quantization_method
 from tfbackend.quantization.hf_loading import load_quantized_hf_model
 
 logger = logging.getLogger(__name__)
+
+
+class _CheckTimings:
+    """Seconds per load-time check, for the log (they are part of the startup's "load weights" phase)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def time(self, check: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[check] = time.perf_counter() - start
+
+    def __str__(self) -> str:
+        return ", ".join(f"{check} {seconds:.2f} s" for check, seconds in self.seconds.items())
 
 PROBE_LENGTH = 12  # tokens of the load-time probe; chunked in two for the state check
 # Relative error allowed per token between the whole and the chunked probe: float32 for every token; in half
@@ -124,6 +143,7 @@ class TransformersForCausalLM(CausalLM):
                 hf_class, model_dir, hf_config, dtype, device, method, ATTN_IMPLEMENTATION
             )
             return cls.wrap(hf_model)
+        started = time.perf_counter()
         with layout.loading_turn():
             hf_model = hf_class.from_pretrained(
                 model_dir, config=hf_config, dtype=dtype, device_map=str(layout.load_device),
@@ -132,6 +152,7 @@ class TransformersForCausalLM(CausalLM):
             hf_model.eval().requires_grad_(False)
             stage = layout.apply(hf_model)
         use_fused_experts(hf_model)  # MoE experts through our fused kernel where it reproduces them; else HF's
+        logger.info("%s: built and loaded by transformers in %.2f s", hf_class.__name__, time.perf_counter() - started)
         return cls.wrap(hf_model, stage)
 
     @classmethod
@@ -141,12 +162,18 @@ class TransformersForCausalLM(CausalLM):
         hf_model.eval().requires_grad_(False)
         model = cls(hf_model)
         model.stage = stage
+        timings = _CheckTimings()
         with torch.inference_mode():
-            model._map_attention_calls()
+            with timings.time("attention calls"):
+                model._map_attention_calls()
             if fusion_enabled():
-                model.fused_projections = fuse_projections(hf_model, model._probe_hidden_states)
-            model._check_steps_compose()
-            model._choose_logits_path()
+                with timings.time("fusion"):
+                    model.fused_projections = fuse_projections(hf_model, model._probe_hidden_states)
+            with timings.time("steps compose"):
+                model._check_steps_compose()
+            with timings.time("logits path"):
+                model._choose_logits_path()
+        logger.info("%s: load-time checks took %s", type(hf_model).__name__, timings)
         return model
 
     def attention_layers(self) -> list[AttentionLayerSpec]:
