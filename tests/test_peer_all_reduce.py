@@ -108,3 +108,25 @@ def test_the_environment_turns_the_peer_path_off_on_every_rank(tmp_path):
     (enabled_0, tried_0), (enabled_1, tried_1) = _run_ranks(_enable_with_the_variable_on_rank_1_only, tmp_path)
     assert not enabled_0 and not enabled_1
     assert not tried_0 and not tried_1
+
+
+class _BufferThatWorksAlone:
+    """Stands in for rank 0's peer buffer: gives the exact sum without a collective, as if mapping worked there."""
+
+    def __init__(self, group_name: str, device: torch.device):
+        self.world_size = dist.get_world_size()
+        self.rank = dist.get_rank()
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        return x / (self.rank + 1) * (self.world_size * (self.world_size + 1) // 2)
+
+
+def _enable_where_only_rank_0_can_map(group: CommGroup) -> bool:
+    if group.rank == 0:
+        peer_all_reduce.PeerBuffer = _BufferThatWorksAlone
+    return peer_all_reduce.enable(group, torch.device("cpu"))
+
+
+def test_a_rank_that_cannot_map_peer_memory_turns_it_off_for_all(tmp_path):
+    """Every rank must take the same path at every all-reduce, or they wait for each other forever."""
+    assert _run_ranks(_enable_where_only_rank_0_can_map, tmp_path) == [False, False]

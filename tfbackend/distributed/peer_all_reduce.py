@@ -4,7 +4,7 @@ NCCL is built for bandwidth: on two H200s it takes 11 µs for an 8 KiB all-reduc
 256-token decode step of an 8B model, and a decode step of a TP model does two all-reduces per layer. torch's
 symmetric memory gives every rank of a node a buffer that all the others can read and write over NVLink, and
 kernels that all-reduce in it with one launch: ``two_shot`` (each rank sums its share of the buffer from every
-peer, then gathers the others' sums: 17 µs for those 2 MiB) and ``one_shot`` (each rank reads every peer's
+peer, then gathers the others' sums: 19 µs for those 2 MiB) and ``one_shot`` (each rank reads every peer's
 whole buffer: fewest steps for the smallest messages). Messages larger than the buffer go to NCCL, which
 catches up with them anyway (see ``benchmarks/allreduce_probe.py`` for the measurements behind the limits).
 
@@ -102,6 +102,7 @@ def enable(group: CommGroup, device: torch.device) -> bool:
                     "process and cannot be again; the process group's backend does every all-reduce", group.name)
         return False
     _names_mapped.add(group.name)
+    failure = None
     try:
         buffer = PeerBuffer(group.name, device)
         for numel in (64, 2 * ONE_SHOT_MAX_BYTES // 4):  # one-shot, then two-shot; integers, so sums are exact
@@ -110,8 +111,13 @@ def enable(group: CommGroup, device: torch.device) -> bool:
             if not torch.equal(got, values * (group.size * (group.size + 1) // 2)):
                 raise RuntimeError(f"the sum of {numel} values differs from the exact one")
     except Exception as error:  # noqa: BLE001 - any failure means NCCL does the job, as before
-        logger.warning("all-reduce through peer memory is off for group %s (%s: %s); the process group's backend "
-                       "does every all-reduce", group.name, type(error).__name__, error)
+        failure = f"{type(error).__name__}: {error}"
+    # Every rank must take the same path at every all-reduce: one rank's failure turns the path off for all.
+    succeeded = torch.tensor([int(failure is None)], device=device)
+    dist.all_reduce(succeeded, op=dist.ReduceOp.MIN, group=group.group)
+    if not succeeded.item():
+        logger.warning("all-reduce through peer memory is off for group %s (%s); the process group's backend "
+                       "does every all-reduce", group.name, failure or "it failed on another rank of the group")
         return False
     _buffers[group.name] = buffer
     logger.info("all-reduce through peer memory for messages up to %d MiB (group %s, %d ranks)",
