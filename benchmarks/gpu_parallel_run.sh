@@ -3,13 +3,19 @@
 # shapes with TP against one GPU. Logs and JSON go to $OUT; the tables come last. Each stage fits one 10-minute
 # device call; run them one by one:
 #
-#   nvidia-h100-x2:  STAGES=check      bash benchmarks/gpu_parallel_run.sh   # float32 exactness, TP=2 / PP=2
-#                    STAGES=t1-8b-tp1  bash benchmarks/gpu_parallel_run.sh   # T1, llama-3.1-8b on one GPU
-#                    STAGES=t1-8b-tp2  bash benchmarks/gpu_parallel_run.sh   # T1 with TP=2
+#   2 GPUs (nvidia-h100-x2 or nvidia-h200-x2):
+#                    STAGES=check      bash benchmarks/gpu_parallel_run.sh   # float32 exactness, TP=2 / PP=2
+#                    STAGES=t1-8b-tp1  bash benchmarks/gpu_parallel_run.sh   # T1 (+ T2 B=1,32), llama-3.1-8b, one GPU
+#                    STAGES=t1-8b-tp2  bash benchmarks/gpu_parallel_run.sh   # the same with TP=2
 #                    STAGES=t2-8b-tp1, then STAGES=t2-8b-tp2                 # T2 (B=1,8,32), one GPU, then TP=2
-#   nvidia-h100-x4:  STAGES=check      bash benchmarks/gpu_parallel_run.sh   # adds TP=4 (replicated KV) and TP x PP
+#   4 GPUs (nvidia-h100-x4 or nvidia-h200-x4):
+#                    STAGES=check      bash benchmarks/gpu_parallel_run.sh   # adds TP=4 (replicated KV) and TP x PP
 #                    STAGES=weights-70b bash benchmarks/gpu_parallel_run.sh  # writes the 141 GB checkpoint once
 #                    STAGES="t1-70b-native t1-70b-transformers t2-70b-native t2-70b-transformers" (one per call)
+#
+# Each implementation runs in its own bench process: torch sets up a group's peer memory (the engine's small
+# all-reduces) once per process, so a second engine in a process would all-reduce through NCCL only. The check
+# stage builds several engines in one process: its first layout runs with peer memory, the others through NCCL.
 #
 # Acceptance (issue 10): on x2, T1 output tok/s with TP=2 >= 1.7x TP=1 and T2 ms/token with TP=2 below TP=1, native
 # and fallback; on x4, llama-3.1-70b serves with TP=4 (it cannot on one GPU): record T1, T2 and "of floor" (the
@@ -40,15 +46,17 @@ bench() {  # bench NAME SCENARIO ARGS...: one tfbackend bench run, its table kep
 for tp in 1 2; do
   for impl in native transformers; do
     has t1-8b-tp$tp && bench "t1-8b-tp$tp-$impl" throughput --random-weights llama-3.1-8b --impl $impl -tp $tp \
-      --max-model-len 1024
+      --max-model-len 1024 --latency-batch-size 1,32
     has t2-8b-tp$tp && bench "t2-8b-tp$tp-$impl" latency --random-weights llama-3.1-8b --impl $impl -tp $tp \
       --max-model-len 1024 --batch-size 1,8,32
   done
 done
 has weights-70b && python3 -c 'from tfbackend.bench.presets import random_checkpoint; print(random_checkpoint("llama-3.1-70b"))'
 for impl in native transformers; do
-  has t1-70b-$impl && bench "t1-70b-$impl" throughput --random-weights llama-3.1-70b --impl $impl -tp 4
-  has t2-70b-$impl && bench "t2-70b-$impl" latency --random-weights llama-3.1-70b --impl $impl -tp 4 --batch-size 1,8,32
+  has t1-70b-$impl && bench "t1-70b-$impl" throughput --random-weights llama-3.1-70b --impl $impl -tp 4 \
+    --max-model-len 1024 --latency-batch-size 1,32
+  has t2-70b-$impl && bench "t2-70b-$impl" latency --random-weights llama-3.1-70b --impl $impl -tp 4 \
+    --max-model-len 1024 --batch-size 1,8,32
 done
 
 echo "=================== summary"
