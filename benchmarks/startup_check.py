@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import logging
 import os
 import statistics
 import sys
@@ -75,6 +76,8 @@ def in_process_checks(model_dir: Path, impl: str) -> tuple[float, list[tuple[str
 
 
 def main() -> int:
+    # The engines' own lines (startup phases, "compiled forward loaded/saved"), the children's too (bench/cold.py).
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--impls", default="native,transformers")
     parser.add_argument("--num-requests", type=int, default=256)

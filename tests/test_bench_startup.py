@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 
@@ -38,7 +39,8 @@ def test_presets_of_other_architectures_load_and_generate(preset, tier, tmp_path
     assert len(output[0].outputs[0].token_ids) == 3
 
 
-def test_cold_runs_t1_in_fresh_processes_with_empty_then_warm_caches(tmp_path):
+def test_cold_runs_t1_in_fresh_processes_with_empty_then_warm_caches(tmp_path, caplog, capfd):
+    caplog.set_level(logging.INFO)  # the fresh processes log as this one does: their startup reports show
     out = tmp_path / "cold.json"
     args = ["bench", "throughput", "--random-weights", "tiny-llama", "--cold", "--impl", "native",
             "--num-requests", "4", "--input-len-min", "4", "--input-len-max", "16", "--output-len", "4",
@@ -52,3 +54,4 @@ def test_cold_runs_t1_in_fresh_processes_with_empty_then_warm_caches(tmp_path):
         assert set(row["startup_phases"]) == {*PHASES, "total"}
         assert row["first_request_ms"] > 0
         assert row["compilations_after_ready"] == 0
+    assert capfd.readouterr().err.count("startup: total") == 2

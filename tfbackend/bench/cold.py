@@ -9,6 +9,7 @@ the process's start to the engine being ready, so it includes Python's imports.
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import tempfile
@@ -54,7 +55,7 @@ def _in_fresh_process(
 ) -> ColdRun:
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
-    process = context.Process(target=_child, args=(config, workload, vocab_size, cache, label, results))
+    process = context.Process(target=_child, args=(config, workload, vocab_size, cache, label, results, _log_setup()))
     started = time.time()
     process.start()
     try:
@@ -74,9 +75,21 @@ def compile_cache_env(cache: Path) -> dict[str, str]:
             AOT_CACHE_ENV: str(cache / "aot")}
 
 
+def _log_setup() -> tuple[int, str | None]:
+    """This process's log level and format (the first handler's), for a spawned child: it starts with logging
+    unconfigured, so its engine's startup report would be lost."""
+    root = logging.getLogger()
+    formats = [handler.formatter._fmt for handler in root.handlers if handler.formatter is not None]
+    return root.level, next((f for f in formats if isinstance(f, str)), None)
+
+
 def _child(
-    config: EngineConfig, workload: ThroughputWorkload, vocab_size: int, cache: Path, label: str, results
+    config: EngineConfig, workload: ThroughputWorkload, vocab_size: int, cache: Path, label: str, results,
+    log_setup: tuple[int, str | None] = (logging.WARNING, None),
 ) -> None:
+    level, log_format = log_setup
+    if log_format is not None:
+        logging.basicConfig(level=level, format=log_format)
     # Set before anything compiles; the engine keeps caches the environment already names.
     os.environ.update(compile_cache_env(cache))
     try:
