@@ -36,27 +36,31 @@ def test_group_sizes_the_kernels_lack_stay_on_nccl(caplog):
     assert "not 3" in caplog.text
 
 
-def _run_ranks(target, tmp_path, world_size: int = 2) -> list:
-    """Run ``target(rank, results)`` in a gloo group of ``world_size`` processes; what each put, by rank."""
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory) -> dict[str, list]:
+    """Every scenario below, run once by two gloo ranks (processes), each on a group of its own; what each rank
+    returned, by scenario and rank. One pair of processes for all: starting them is most of the cost."""
     context = mp.get_context("spawn")
     results = context.Queue()
-    init_file = str(tmp_path / "rendezvous")
-    processes = [context.Process(target=_rank_main, args=(target, rank, world_size, init_file, results))
-                 for rank in range(world_size)]
+    init_file = str(tmp_path_factory.mktemp("rendezvous") / "file")
+    processes = [context.Process(target=_rank_main, args=(rank, init_file, results)) for rank in range(2)]
     for process in processes:
         process.start()
-    outcomes = sorted(results.get(timeout=120) for _ in processes)
+    by_rank = dict(results.get(timeout=180) for _ in processes)
     for process in processes:
         process.join(timeout=60)
         assert process.exitcode == 0
-    return [outcome for _, outcome in outcomes]
+    return {name: [by_rank[0][name], by_rank[1][name]] for name in by_rank[0]}
 
 
-def _rank_main(target, rank: int, world_size: int, init_file: str, results) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+def _rank_main(rank: int, init_file: str, results) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
-        group = CommGroup.of(dist.group.WORLD, list(range(world_size)))
-        results.put((rank, target(group)))
+        outcome = {}
+        for scenario in _SCENARIOS:  # a new group each: a fresh name, as a new engine's would be in a new process
+            group = CommGroup.of(dist.new_group([0, 1]), [0, 1])
+            outcome[scenario.__name__] = scenario(group)
+        results.put((rank, outcome))
     finally:
         dist.destroy_process_group()
 
@@ -70,44 +74,11 @@ def _sums(group: CommGroup) -> tuple:
     return enabled, eager.tolist(), compiled.tolist()  # lists: tensors die with the process
 
 
-def test_op_sums_over_the_group_and_falls_back_where_peer_memory_is_missing(tmp_path):
-    """On CPU there is no peer memory: ``enable`` says so instead of raising, and the op sums through gloo,
-    eagerly and inside a compiled graph."""
-    expected = torch.arange(12, dtype=torch.float32).view(3, 4) * 3
-    for enabled, eager, compiled in _run_ranks(_sums, tmp_path):
-        assert not enabled
-        assert eager == expected.tolist()
-        assert compiled == (expected * 2 + 1).tolist()
-
-
-def _enable_after_an_earlier_engine_on_rank_0(group: CommGroup) -> tuple[bool, bool]:
+def _after_an_earlier_engine_on_rank_0(group: CommGroup) -> tuple[bool, bool]:
     if group.rank == 0:  # the driver process ran an engine before; this rank's worker is a fresh process
         peer_all_reduce._names_mapped.add(group.name)
     enabled = peer_all_reduce.enable(group, torch.device("cpu"))
     return enabled, group.name in peer_all_reduce._names_mapped  # mapped here: tried (and would wait forever)
-
-
-def test_a_group_name_is_mapped_once_per_process_and_the_ranks_agree(tmp_path):
-    """torch cannot map a group name's peer memory twice in one process (a later engine's groups reuse the
-    names): when any rank mapped it before, no rank tries again, so none of them waits for the others."""
-    (enabled_0, _), (enabled_1, tried_1) = _run_ranks(_enable_after_an_earlier_engine_on_rank_0, tmp_path)
-    assert not enabled_0 and not enabled_1
-    assert not tried_1
-
-
-
-def _enable_with_the_variable_on_rank_1_only(group: CommGroup) -> tuple[bool, bool]:
-    if group.rank == 1:
-        os.environ[peer_all_reduce.PEER_ALL_REDUCE_ENV] = "0"
-    enabled = peer_all_reduce.enable(group, torch.device("cpu"))
-    return enabled, group.name in peer_all_reduce._names_mapped
-
-
-def test_the_environment_turns_the_peer_path_off_on_every_rank(tmp_path):
-    """``TFBACKEND_PEER_ALL_REDUCE=0`` on any rank (another node's environment, say) keeps every rank on NCCL."""
-    (enabled_0, tried_0), (enabled_1, tried_1) = _run_ranks(_enable_with_the_variable_on_rank_1_only, tmp_path)
-    assert not enabled_0 and not enabled_1
-    assert not tried_0 and not tried_1
 
 
 class _BufferThatWorksAlone:
@@ -121,12 +92,55 @@ class _BufferThatWorksAlone:
         return x / (self.rank + 1) * (self.world_size * (self.world_size + 1) // 2)
 
 
-def _enable_where_only_rank_0_can_map(group: CommGroup) -> bool:
+def _where_only_rank_0_can_map(group: CommGroup) -> bool:
+    real = peer_all_reduce.PeerBuffer
     if group.rank == 0:
         peer_all_reduce.PeerBuffer = _BufferThatWorksAlone
-    return peer_all_reduce.enable(group, torch.device("cpu"))
+    try:
+        return peer_all_reduce.enable(group, torch.device("cpu"))
+    finally:
+        peer_all_reduce.PeerBuffer = real
 
 
-def test_a_rank_that_cannot_map_peer_memory_turns_it_off_for_all(tmp_path):
+def _with_the_variable_on_rank_1_only(group: CommGroup) -> tuple[bool, bool]:
+    if group.rank == 1:
+        os.environ[peer_all_reduce.PEER_ALL_REDUCE_ENV] = "0"
+    try:
+        enabled = peer_all_reduce.enable(group, torch.device("cpu"))
+    finally:
+        os.environ.pop(peer_all_reduce.PEER_ALL_REDUCE_ENV, None)
+    return enabled, group.name in peer_all_reduce._names_mapped
+
+
+_SCENARIOS = (_sums, _after_an_earlier_engine_on_rank_0, _where_only_rank_0_can_map,
+              _with_the_variable_on_rank_1_only)
+
+
+def test_op_sums_over_the_group_and_falls_back_where_peer_memory_is_missing(outcomes):
+    """On CPU there is no peer memory: ``enable`` says so instead of raising, and the op sums through gloo,
+    eagerly and inside a compiled graph."""
+    expected = torch.arange(12, dtype=torch.float32).view(3, 4) * 3
+    for enabled, eager, compiled in outcomes["_sums"]:
+        assert not enabled
+        assert eager == expected.tolist()
+        assert compiled == (expected * 2 + 1).tolist()
+
+
+def test_a_group_name_is_mapped_once_per_process_and_the_ranks_agree(outcomes):
+    """torch cannot map a group name's peer memory twice in one process (a later engine's groups reuse the
+    names): when any rank mapped it before, no rank tries again, so none of them waits for the others."""
+    (enabled_0, _), (enabled_1, tried_1) = outcomes["_after_an_earlier_engine_on_rank_0"]
+    assert not enabled_0 and not enabled_1
+    assert not tried_1
+
+
+def test_a_rank_that_cannot_map_peer_memory_turns_it_off_for_all(outcomes):
     """Every rank must take the same path at every all-reduce, or they wait for each other forever."""
-    assert _run_ranks(_enable_where_only_rank_0_can_map, tmp_path) == [False, False]
+    assert outcomes["_where_only_rank_0_can_map"] == [False, False]
+
+
+def test_the_environment_turns_the_peer_path_off_on_every_rank(outcomes):
+    """``TFBACKEND_PEER_ALL_REDUCE=0`` on any rank (another node's environment, say) keeps every rank on NCCL."""
+    (enabled_0, tried_0), (enabled_1, tried_1) = outcomes["_with_the_variable_on_rank_1_only"]
+    assert not enabled_0 and not enabled_1
+    assert not tried_0 and not tried_1
