@@ -218,6 +218,11 @@ class CUDAGraphRunner:
                     self.outputs[batch_size] = self.forward(input_ids, positions)
             self.graphs[batch_size] = graph
             count_cuda_graph_capture()
+        # A graph's first launch uploads it to the device first: milliseconds that the first decode step of each
+        # batch size would wait for (its TTFT). Launch each once now, on the inputs it was captured with (every
+        # rank alike: the graphs hold the step's collectives).
+        for batch_size in reversed(self.batch_sizes):
+            self.graphs[batch_size].replay()
         torch.cuda.synchronize()
         logger.info(
             "captured %d CUDA graphs (batch sizes %d..%d) in %.1f s, %.0f MiB",
