@@ -13,7 +13,7 @@ python3 -c 'import torch, transformers, triton; print("torch", torch.__version__
   "| transformers", transformers.__version__, "| triton", triton.__version__, "|", torch.cuda.get_device_name())'
 python3 benchmarks/startup_check.py --impls "${IMPLS:-native,transformers}" > "$OUT/startup_check.log" 2>&1
 status=$?
-grep -E "startup: |compiled after ready, in a step|Recompiling|torch.compile failed|compiled forward|ahead of time" \
+grep -E "startup: |compiled after ready, in a step|Recompiling|torch.compile failed|compiled forward|ahead of time|load-time checks|loaded by transformers" \
   "$OUT/startup_check.log" | head -60
 sed -n '/=== startup check/,$p' "$OUT/startup_check.log"
 [ $status -eq 0 ] || { echo "startup_check FAILED ($status)"; tail -40 "$OUT/startup_check.log"; }
