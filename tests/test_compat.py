@@ -64,6 +64,7 @@ def test_compat_reason_says_what_is_off(checkpoints):
     assert llm.model_impl == "compat"
     assert "AttentionInterface" in llm.model_impl_reason
     assert "no prefix caching or chunked prefill" in llm.model_impl_reason
+    assert llm.engine.startup.seconds["warm up"] == 0  # no synthetic steps for a tier that keeps per-sequence state
 
 
 def test_the_memory_budget_limits_concurrent_sequences(checkpoints):

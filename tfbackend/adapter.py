@@ -67,6 +67,7 @@ class _CheckTimings:
     def __str__(self) -> str:
         return ", ".join(f"{check} {seconds:.2f} s" for check, seconds in self.seconds.items())
 
+
 PROBE_LENGTH = 12  # tokens of the load-time probe; chunked in two for the state check
 # Relative error allowed per token between the whole and the chunked probe: float32 for every token; in half
 # precision for the median token (a rounding difference may flip an MoE router for a token or two, while state

@@ -178,10 +178,11 @@ class Worker:
     def _eager_reason(self) -> str:
         if self.config.enforce_eager:
             return "enforce_eager"
-        if self.device.type not in COMPILE_DEVICE_TYPES:
-            return f"nothing compiles on {self.device.type}"
+        # Before the device: on a CPU an eager engine still warms up, unless its model keeps per-sequence state.
         if self.model.sequence_state() is not None:
             return f"the {self.model_impl} tier runs eagerly"
+        if self.device.type not in COMPILE_DEVICE_TYPES:
+            return f"nothing compiles on {self.device.type}"
         if self.parallel.pp_size > 1:
             return "pipeline stages run eagerly"
         return f"no CUDA graphs for this model or the {self.attention_backend.name} attention backend"
