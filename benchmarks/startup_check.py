@@ -38,6 +38,7 @@ from tfbackend.bench.cold import compile_cache_env, run_cold_and_warm
 from tfbackend.bench.presets import random_checkpoint
 from tfbackend.bench.workloads import ThroughputWorkload, greedy
 from tfbackend.config import EngineConfig
+from tfbackend.engine.startup import outside_phases
 
 VOCAB = 128256
 T2_INPUT_LEN = 128
@@ -102,11 +103,10 @@ def print_report(impl: str, runs, startup: float, rows) -> None:
           f"{'graphs':>7} {'sched':>6} {'outside':>8} {'1st req ms':>10} {'T1 tok/s':>9} {'compiled after ready':>21}")
     for run in runs:
         p = run.startup_phases
-        outside = p["total"] - sum(seconds for phase, seconds in p.items() if phase != "total")
         print(f"  {run.compile_cache:6} {run.startup_s:8.1f} {p['total']:9.1f} {p['init device']:5.1f} "
               f"{p['load weights']:6.1f} "
               f"{p['compile']:8.1f} {p['profile memory']:8.1f} {p['warm up']:8.1f} {p['capture graphs']:7.1f} "
-              f"{p['build scheduler']:6.1f} {outside:8.1f} {run.first_request_s * 1e3:10.0f} "
+              f"{p['build scheduler']:6.1f} {outside_phases(p):8.1f} {run.first_request_s * 1e3:10.0f} "
               f"{run.throughput.output_tok_s:9,.0f} {run.compilations_after_ready:21d}")
     cold, warm = runs
     ratio = cold.throughput.output_tok_s / warm.throughput.output_tok_s

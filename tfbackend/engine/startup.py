@@ -40,9 +40,13 @@ class StartupReport:
     def finish(self, detail: str = "") -> float:
         """Log the total since construction, and how much of it no phase covers (imports made on first use,
         mostly); returns the total."""
-        total = time.perf_counter() - self._start
-        outside = total - sum(self.seconds.values())
-        self.seconds["total"] = total
+        self.seconds["total"] = total = time.perf_counter() - self._start
         detail = f"{detail}; " if detail else ""
-        logger.info("startup: %-15s %7.2f s  (%s%.2f s outside the phases)", "total", total, detail, outside)
+        logger.info("startup: %-15s %7.2f s  (%s%.2f s outside the phases)", "total", total, detail,
+                    outside_phases(self.seconds))
         return total
+
+
+def outside_phases(seconds: dict[str, float]) -> float:
+    """Of a finished report's ``seconds``, the part of the total that no phase covers."""
+    return seconds["total"] - sum(value for phase, value in seconds.items() if phase != "total")
