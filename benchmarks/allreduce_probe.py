@@ -70,18 +70,10 @@ def worker(rank: int, world_size: int, hidden: int, port: int) -> None:
     enabled = peer_all_reduce.enable(group, rank, world_size, device)
     buffer = peer_all_reduce.PeerBuffer(group, device)
 
-    def staged(x: torch.Tensor) -> torch.Tensor:
-        return buffer.storage[: x.numel() * x.element_size()].view(x.dtype).view(x.shape)
-
-    def two_shot(x: torch.Tensor) -> torch.Tensor:
-        view = staged(x)
-        view.copy_(x)
-        return torch.ops.symm_mem.two_shot_all_reduce_out(view, "sum", group, torch.empty_like(x))
-
     methods = {
         "nccl": lambda x: functional.wait_tensor(functional.all_reduce(x, "sum", group)),
-        "one-shot": lambda x: torch.ops.symm_mem.one_shot_all_reduce_copy(staged(x), x, "sum", group),
-        "two-shot": two_shot,
+        "one-shot": buffer.one_shot,
+        "two-shot": buffer.two_shot,
         "engine": lambda x: torch.ops.tfbackend.peer_all_reduce(x, group),
     }
 

@@ -64,12 +64,21 @@ class PeerBuffer:
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """The sum of every rank's ``x`` (which must ``fit``), as a new tensor."""
         x = x.contiguous()
-        nbytes = x.numel() * x.element_size()
-        staged = self.storage[:nbytes].view(x.dtype).view(x.shape)  # the kernels want the message's shape
-        if nbytes <= ONE_SHOT_MAX_BYTES:  # copies x into the buffer itself
-            return torch.ops.symm_mem.one_shot_all_reduce_copy(staged, x, "sum", self.group_name)
+        return self.one_shot(x) if x.numel() * x.element_size() <= ONE_SHOT_MAX_BYTES else self.two_shot(x)
+
+    def one_shot(self, x: torch.Tensor) -> torch.Tensor:
+        """Every rank reads all of every peer's message (the kernel copies ``x`` into the buffer itself)."""
+        return torch.ops.symm_mem.one_shot_all_reduce_copy(self._staged(x), x, "sum", self.group_name)
+
+    def two_shot(self, x: torch.Tensor) -> torch.Tensor:
+        """Each rank sums its share of the message from every peer, then gathers the others' sums."""
+        staged = self._staged(x)
         staged.copy_(x)
         return torch.ops.symm_mem.two_shot_all_reduce_out(staged, "sum", self.group_name, torch.empty_like(x))
+
+    def _staged(self, x: torch.Tensor) -> torch.Tensor:
+        """The start of the buffer as a tensor of ``x``'s dtype and shape (the kernels want the message's)."""
+        return self.storage[: x.numel() * x.element_size()].view(x.dtype).view(x.shape)
 
 
 _buffers: dict[str, PeerBuffer] = {}
