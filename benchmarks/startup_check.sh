@@ -9,6 +9,7 @@ OUT=${OUT:-/tmp/startup_check}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TFBACKEND_CACHE=${TFBACKEND_CACHE:-/tmp/tfbackend-cache}
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TORCH_LOGS=recompiles
+source benchmarks/bytecode_cache.sh  # as an installed environment has it; see there
 python3 -c 'import torch, transformers, triton; print("torch", torch.__version__, "cuda", torch.version.cuda,
   "| transformers", transformers.__version__, "| triton", triton.__version__, "|", torch.cuda.get_device_name())'
 python3 benchmarks/startup_check.py --impls "${IMPLS:-native,transformers}" > "$OUT/startup_check.log" 2>&1

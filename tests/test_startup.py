@@ -7,10 +7,12 @@ code. Triton kernels and CUDA graphs need a GPU; ``benchmarks/startup_check.sh``
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -219,3 +221,61 @@ def test_cpu_kv_cache_starts_zeroed_and_writable(dtype):
     key[3].fill_(1.0)
     assert cache.storage.sum() == key[3].numel()
     assert KVCache(KVCacheSpec((), dtype, 4), 8, torch.device("cpu")).storage.numel() == 0  # compat: no layers
+
+
+class _Cycle:
+    def __init__(self) -> None:
+        self.me = self
+
+
+def test_the_engine_starts_with_the_collector_paused_and_collects_once(checkpoint, monkeypatch):
+    """Startup's objects would cost every full collection a walk over a million of them: the collector is off
+    while the engine builds, then one collection frees startup's garbage cycles before ready (not in the first
+    request), and the caller's setting is restored. Nothing is frozen: a program may drop this engine."""
+    from tfbackend.engine import llm_engine
+
+    seen = {}
+    build = llm_engine.LLMEngine._build
+
+    def spying_build(self, config):
+        seen["enabled while building"] = gc.isenabled()
+        seen["garbage"] = weakref.ref(_Cycle())  # unreachable but for its own cycle
+        build(self, config)
+
+    monkeypatch.setattr(llm_engine.LLMEngine, "_build", spying_build)
+    assert gc.isenabled()
+    frozen = gc.get_freeze_count()
+    make_engine(checkpoint)
+    assert seen["enabled while building"] is False
+    assert seen["garbage"]() is None
+    assert gc.isenabled() and gc.get_freeze_count() == frozen
+
+
+def test_a_paused_collector_stays_as_the_caller_left_it():
+    from tfbackend.engine.startup import paused_gc
+
+    gc.disable()
+    try:
+        with paused_gc(collect=True):
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    with pytest.raises(RuntimeError), paused_gc():
+        raise RuntimeError("a failed start")
+    assert gc.isenabled()
+
+
+def test_a_serving_process_freezes_its_startup_objects_and_exits_quietly():
+    """``serve`` and rank workers keep one engine for life: its objects leave the collector's sight, and are
+    handed back at exit (frozen objects would skip the last collection; Triton's bindings then report leaks)."""
+    script = (
+        "import gc, triton\n"
+        "from tfbackend.engine.startup import freeze_startup_objects\n"
+        "freeze_startup_objects()\n"
+        "print(gc.get_freeze_count() > 0)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
+    assert result.stdout.strip() == "True"
+    assert "leaked" not in result.stderr

@@ -30,7 +30,7 @@ from tfbackend.engine.request import Request, validate_request
 from tfbackend.engine.sampler import Sampler, reads_token_history
 from tfbackend.engine.scheduler import ScheduledBatch, Scheduler
 from tfbackend.engine.sequence import Sequence
-from tfbackend.engine.startup import StartupReport
+from tfbackend.engine.startup import StartupReport, paused_gc
 from tfbackend.engine.worker import Worker
 from tfbackend.hf_classes import load_hf_config
 from tfbackend.outputs import RequestOutput
@@ -56,6 +56,16 @@ class EngineStats:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig):
+        with paused_gc(collect=True):  # startup makes a million long-lived objects
+            self._build(config)
+        self.compile_monitor.mark_ready()
+        compiled = self.compile_monitor.during_startup()
+        self.startup.finish(
+            f"ready; compiled {compiled.torch_compile_graphs} torch.compile graph(s), "
+            f"{compiled.triton_kernels} Triton kernel(s), captured {compiled.cuda_graphs} CUDA graph(s)"
+        )
+
+    def _build(self, config: EngineConfig) -> None:
         from tfbackend.model_source import resolve_model
 
         config.validate()
@@ -112,12 +122,6 @@ class LLMEngine:
         self._pending: PendingStep | None = None
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
-        self.compile_monitor.mark_ready()
-        compiled = self.compile_monitor.during_startup()
-        self.startup.finish(
-            f"ready; compiled {compiled.torch_compile_graphs} torch.compile graph(s), "
-            f"{compiled.triton_kernels} Triton kernel(s), captured {compiled.cuda_graphs} CUDA graph(s)"
-        )
 
     def shutdown(self) -> None:
         """Stop the other ranks of a multi-rank engine (nothing to do for a single-process one)."""

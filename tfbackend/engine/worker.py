@@ -37,7 +37,7 @@ from tfbackend.engine.memory import kv_cache_budget, plan_cache
 from tfbackend.engine.model_files import max_model_len
 from tfbackend.engine.model_runner import ModelRunner, StepInputs
 from tfbackend.engine.sampler import Sampler
-from tfbackend.engine.startup import StartupReport
+from tfbackend.engine.startup import StartupReport, freeze_startup_objects, paused_gc
 from tfbackend.engine.step_broadcast import StepBroadcast
 from tfbackend.engine.warmup import SequenceShape, first_steps, run_warmup, warmup_shapes
 from tfbackend.hf_classes import load_hf_config
@@ -235,7 +235,9 @@ def run_worker(rendezvous: Rendezvous, rank: int) -> None:
         config = EngineConfig(**json.loads(store.get(CONFIG_KEY)))
         _check_same_layout(rendezvous, config)
         parallel = init_rank(rendezvous, rank, store)
-        worker = Worker(config, config.model, load_hf_config(config.model, config.trust_remote_code), parallel)
+        with paused_gc(collect=True):
+            worker = Worker(config, config.model, load_hf_config(config.model, config.trust_remote_code), parallel)
+        freeze_startup_objects()  # this process serves this worker until the driver stops
         steps = StepBroadcast(parallel, worker.device)
         while (message := steps.receive()) is not None:
             worker.runner.run_model(*message)

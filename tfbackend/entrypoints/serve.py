@@ -92,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from tfbackend.engine.llm_engine import LLMEngine
+    from tfbackend.engine.startup import freeze_startup_objects
     from tfbackend.model_source import default_model_name, resolve_model
     from tfbackend.server.app import build_app
     from tfbackend.server.async_engine import AsyncEngine
@@ -114,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
     generation_defaults = load_generation_defaults(args.generation_config, model_path)
     config = engine_config_from_args(args, model_path)
     engine = LLMEngine(config)
+    freeze_startup_objects()  # this process serves this engine until it exits
 
     # The engine has logged its implementation choice (and why) and its KV cache capacity.
     names = args.served_model_name or [model or default_model_name()]
