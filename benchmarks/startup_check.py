@@ -99,11 +99,11 @@ def main() -> int:
 
 def print_report(impl: str, runs, startup: float, rows) -> None:
     print(f"\n=================== startup check (llama-3.2-1b, random weights): {impl}")
-    print(f"  {'cache':6} {'ready s':>8} {'engine s':>9} {'init':>5} {'load':>6} {'compile':>8} {'profile':>8} {'warm up':>8} "
+    print(f"  {'cache':6} {'ready s':>8} {'engine s':>9} {'resolve':>8} {'init':>5} {'load':>6} {'compile':>8} {'profile':>8} {'warm up':>8} "
           f"{'graphs':>7} {'sched':>6} {'outside':>8} {'1st req ms':>10} {'T1 tok/s':>9} {'compiled after ready':>21}")
     for run in runs:
         p = run.startup_phases
-        print(f"  {run.compile_cache:6} {run.startup_s:8.1f} {p['total']:9.1f} {p['init device']:5.1f} "
+        print(f"  {run.compile_cache:6} {run.startup_s:8.1f} {p['total']:9.1f} {p['resolve']:8.1f} {p['init device']:5.1f} "
               f"{p['load weights']:6.1f} "
               f"{p['compile']:8.1f} {p['profile memory']:8.1f} {p['warm up']:8.1f} {p['capture graphs']:7.1f} "
               f"{p['build scheduler']:6.1f} {outside_phases(p):8.1f} {run.first_request_s * 1e3:10.0f} "

@@ -33,6 +33,8 @@ def generate(
         llm.engine.run_ahead = run_ahead
         outputs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                                SamplingParams(temperature=0, max_tokens=NEW_TOKENS))
+        # The startup report times starting the other ranks (their imports, joining) as a phase of its own.
+        assert (llm.engine.startup.seconds["start ranks"] > 0) == (llm.engine.executor is not None)
         return [out.outputs[0].token_ids for out in outputs], llm.engine.worker.kv_specs
     finally:
         llm.engine.shutdown()

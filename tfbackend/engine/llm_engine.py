@@ -81,7 +81,12 @@ class LLMEngine:
         self.max_model_len = max_model_len(hf_config, config.max_model_len)
         self.dead: EngineDeadError | None = None
         # Several ranks: this process is rank 0 (the driver); the executor starts and drives the others.
-        self.executor = Executor(config, self.model_dir, hf_config) if config.world_size > 1 else None
+        self.executor = None
+        if config.world_size > 1:
+            with self.startup.phase("start ranks"):  # their processes' imports, joining, the process groups
+                self.executor = Executor(config, self.model_dir, hf_config)
+        else:
+            self.startup.skip("start ranks", "one rank")
         parallel = SINGLE_PROCESS if self.executor is None else self.executor.parallel
         if self.executor is not None:
             weakref.finalize(self, self.executor.shutdown)

@@ -13,8 +13,8 @@ from contextlib import contextmanager
 logger = logging.getLogger(__name__)
 
 # The phases in the order the engine runs them; each logs one line, skipped ones too.
-PHASES = ("resolve", "init device", "load weights", "compile", "profile memory", "warm up", "capture graphs",
-          "build scheduler")
+PHASES = ("resolve", "start ranks", "init device", "load weights", "compile", "profile memory", "warm up",
+          "capture graphs", "build scheduler")
 
 
 @contextmanager
