@@ -15,14 +15,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
+import torch
 
-from tfbackend.engine.model_files import load_tokenizer  # noqa: E402
-from tfbackend.entrypoints.perplexity import builtin_text, perplexity  # noqa: E402
-from tfbackend.hf_classes import load_hf_config  # noqa: E402
-from tfbackend.model_source import resolve_model  # noqa: E402
-from tfbackend.quantization.loading import dequantize_linears, linear_layers  # noqa: E402
-from tfbackend.registry import load_model  # noqa: E402
+from tfbackend.engine.model_files import load_tokenizer
+from tfbackend.entrypoints.perplexity import builtin_text, perplexity
+from tfbackend.hf_classes import load_hf_config
+from tfbackend.model_source import resolve_model
+from tfbackend.quantization.loading import dequantize_linears, linear_layers
+from tfbackend.registry import load_model
 
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max
 Rounding = Callable[[torch.Tensor], torch.Tensor] | None
