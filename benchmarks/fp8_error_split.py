@@ -1,10 +1,11 @@
 """Where FP8's perplexity cost comes from: the weights' rounding, the inputs', or both, at several scale grains.
 
 Run from the repository root: ``python3 benchmarks/fp8_error_split.py [MODEL]`` (default: the embedded
-SmolLM2-135M-Instruct; float32 on the CPU, a few minutes). Each row is a fresh load of the model whose linear layers
-(the LM head excepted) round their weight and/or their input through ``torch.float8_e4m3fn`` with absmax scales,
-scored as ``tfbackend perplexity`` scores (same text, same chunks). Fake quantization: it isolates the number
-format from the GEMM paths, which ``tfbackend perplexity --variants fp8`` measures.
+SmolLM2-135M-Instruct; float32 on the CPU, a few minutes). Each row is a fresh load of the model whose linear
+layers (the LM head excepted) round their weight and/or their input through E4M3 with absmax scales (the
+quantizers of ``tfbackend/quantization/fp8.py``, without the clipping search), scored as ``tfbackend perplexity``
+scores (same text, same chunks). Fake quantization: it isolates the number format from the GEMM paths, which
+``tfbackend perplexity --variants fp8`` measures.
 """
 
 from __future__ import annotations
@@ -21,34 +22,43 @@ from tfbackend.engine.model_files import load_tokenizer
 from tfbackend.entrypoints.perplexity import builtin_text, perplexity
 from tfbackend.hf_classes import load_hf_config
 from tfbackend.model_source import resolve_model
+from tfbackend.quantization.fp8 import (
+    ActivationScheme,
+    dequantize_activation,
+    dequantize_weight,
+    quantize_activation,
+    quantize_weight,
+)
 from tfbackend.quantization.loading import dequantize_linears, linear_layers
 from tfbackend.registry import load_model
 
-FP8_MAX = torch.finfo(torch.float8_e4m3fn).max
 Rounding = Callable[[torch.Tensor], torch.Tensor] | None
 
 
-def fp8_round(x: torch.Tensor, group: int | None = None, tile: int | None = None) -> torch.Tensor:
-    """``x`` through E4M3 and back, one absmax scale per row (default), per ``group`` of the last dimension's
-    features, or per ``tile`` x ``tile`` block of a matrix."""
-    if tile is not None:
-        rows, cols = x.shape
-        blocks = x.reshape(rows // tile, tile, cols // tile, tile)
-        scale = blocks.abs().amax(dim=(1, 3), keepdim=True).clamp_min(1e-12) / FP8_MAX
-        return ((blocks / scale).to(torch.float8_e4m3fn).to(x.dtype) * scale).reshape(rows, cols)
-    grouped = x.reshape(*x.shape[:-1], -1, group or x.shape[-1])
-    scale = grouped.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / FP8_MAX
-    return ((grouped / scale).to(torch.float8_e4m3fn).to(x.dtype) * scale).reshape(x.shape)
+def weights_through_fp8(block: tuple[int, int] | None = None) -> Rounding:
+    """A weight through E4M3 and back: absmax scales per output channel, or per ``block`` (rows, features)."""
+    return lambda weight: dequantize_weight(*quantize_weight(weight, block)).to(weight.dtype)
+
+
+def inputs_through_fp8(group_size: int | None = None) -> Rounding:
+    """A layer's input through E4M3 and back: absmax scales per token, or per ``group_size`` features of a token."""
+    scheme = ActivationScheme(group_size=group_size)
+
+    def rounded(x: torch.Tensor) -> torch.Tensor:
+        tokens = x.reshape(-1, x.shape[-1])
+        return dequantize_activation(*quantize_activation(tokens, scheme), scheme).to(x.dtype).reshape(x.shape)
+
+    return rounded
 
 
 ROWS: list[tuple[str, Rounding, Rounding]] = [
-    ("weights per channel", fp8_round, None),
-    ("inputs per token", None, fp8_round),
-    ("both (per channel, per token)", fp8_round, fp8_round),
-    ("weights in groups of 64, inputs per token", lambda w: fp8_round(w, group=64), fp8_round),
-    ("weights in groups of 32, inputs per token", lambda w: fp8_round(w, group=32), fp8_round),
-    ("weights in 64x64 tiles, inputs in groups of 64", lambda w: fp8_round(w, tile=64), lambda x: fp8_round(x, group=64)),
-    ("both in groups of 32", lambda w: fp8_round(w, group=32), lambda x: fp8_round(x, group=32)),
+    ("weights per channel", weights_through_fp8(), None),
+    ("inputs per token", None, inputs_through_fp8()),
+    ("both (per channel, per token)", weights_through_fp8(), inputs_through_fp8()),
+    ("weights in groups of 64, inputs per token", weights_through_fp8((1, 64)), inputs_through_fp8()),
+    ("weights in groups of 32, inputs per token", weights_through_fp8((1, 32)), inputs_through_fp8()),
+    ("weights in 64x64 tiles, inputs in groups of 64", weights_through_fp8((64, 64)), inputs_through_fp8(64)),
+    ("both in groups of 32", weights_through_fp8((1, 32)), inputs_through_fp8(32)),
 ]
 
 
