@@ -6,6 +6,8 @@
 # `builtins.compile`, 3,246 calls). Compile the packages a start imports once, into a writable cache, and point
 # every process at it (Python reads a bytecode cache even where it writes none).
 export PYTHONPYCACHEPREFIX=${PYTHONPYCACHEPREFIX:-/tmp/tfbackend-pycache}
+# Once per cache: gpu_startup_run.sh sources this, then runs startup_check.sh, which sources it too.
+[[ "${TFBACKEND_BYTECODE_CACHED:-}" == "$PYTHONPYCACHEPREFIX" ]] && return 0
 _bytecode_started=$SECONDS
 # The packages (folders) that a start imports, compiling included; then compileall's own process pool (a pool
 # started from a process that has imported torch's compiler stack broke on the GPU machine).
@@ -21,3 +23,4 @@ for name in sorted({name.split(".")[0] for name in list(sys.modules)}):
 # -qq: torch ships test files in newer syntax than some interpreters read; those stay uncompiled.
 python3 -m compileall -qq -j 0 $_bytecode_folders
 echo "bytecode: $(wc -w <<< "$_bytecode_folders") packages compiled into $PYTHONPYCACHEPREFIX in $((SECONDS - _bytecode_started)) s"
+export TFBACKEND_BYTECODE_CACHED=$PYTHONPYCACHEPREFIX
