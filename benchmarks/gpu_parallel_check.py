@@ -65,17 +65,26 @@ def main() -> int:
     parser.add_argument("--impls", default="native,transformers")
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--skip-bf16", action="store_true", help="only the float32 exactness check")
+    parser.add_argument("--layouts", help="comma-separated labels of the layouts to run, e.g. 'TP=2 x PP=2' "
+                        "(default: all that the GPUs allow)")
     args = parser.parse_args()
     num_gpus = torch.cuda.device_count()
     print(f"{num_gpus} GPUs: {torch.cuda.get_device_name(0)}")
     rng = np.random.default_rng(0)
     ok = True
+    chosen = layouts(num_gpus)
+    if args.layouts:
+        wanted = [label.strip() for label in args.layouts.split(",")]
+        unknown = set(wanted) - {label for label, _ in chosen}
+        if unknown:
+            parser.error(f"unknown layouts {sorted(unknown)}; choose from {[label for label, _ in chosen]}")
+        chosen = [(label, layout) for label, layout in chosen if label in wanted]
     tiny = random_checkpoint("tiny-llama")
     prompts = [rng.integers(0, 512, n).tolist() for n in PROMPT_LENS]
     for impl in args.impls.split(","):
         reference = tokens(tiny, impl, "float32", prompts, args.output_len, attention_backend="torch",
                            enforce_eager=True)
-        for label, layout in layouts(num_gpus):
+        for label, layout in chosen:
             agree = [leading_agreement(t, r) for t, r in zip(tokens(tiny, impl, "float32", prompts,
                                                                     args.output_len, **layout), reference)]
             exact = all(n == args.output_len for n in agree)

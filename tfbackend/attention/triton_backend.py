@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from tfbackend.attention.backend import AttentionBackend, AttentionMetadata, LayerAttentionOptions
+from tfbackend.kernels.launch import launch
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 # Grid sizing under the CPU interpreter, where there is no device to ask: an H100's SM count.
@@ -408,7 +409,7 @@ class TritonAttentionBackend(AttentionBackend):
         key, value = _unit_last_stride(key), _unit_last_stride(value)
         heads_pad = triton.next_power_of_2(num_kv_heads)
         d_k_pad, d_v_pad = triton.next_power_of_2(d_k), triton.next_power_of_2(d_v)
-        _write_kv_kernel[(num_tokens,)](
+        launch(_write_kv_kernel, (num_tokens,),
             key,
             value,
             key_cache,
@@ -466,7 +467,7 @@ class TritonAttentionBackend(AttentionBackend):
             part_max = part_sum = part_acc = out
         sinks = options.sinks if options.sinks is not None else out
 
-        _paged_attention_kernel[(plan.num_q_tiles, num_kv_heads, num_splits)](
+        launch(_paged_attention_kernel, (plan.num_q_tiles, num_kv_heads, num_splits),
             out,
             part_max,
             part_sum,
@@ -516,7 +517,7 @@ class TritonAttentionBackend(AttentionBackend):
             num_stages=plan.num_stages,
         )
         if num_splits > 1:
-            _reduce_splits_kernel[(num_tokens, num_q_heads)](
+            launch(_reduce_splits_kernel, (num_tokens, num_q_heads),
                 out,
                 part_max,
                 part_sum,

@@ -18,16 +18,27 @@ take memory the profile run did not measure).
 
 Every sequence's block table points at block 0 of the real KV cache: the writes are garbage that no request
 reads (a sequence writes its own keys before attending to them), as in the memory profile run.
+
+On a GPU a cold start's warm-up spends most of its time compiling Triton kernels, one after the other as the
+steps meet them. ``compile_ahead`` first runs the steps' forward passes with Triton launches that only queue
+their compilation on a thread pool (``kernels.launch.compiling_ahead``; no sampling: the logits are garbage
+then), so the steps proper find every kernel compiled.
 """
 
 from __future__ import annotations
 
+import logging
+import time
+
 import torch
 
-from tfbackend.engine.model_runner import ModelRunner
+from tfbackend.engine.model_runner import ModelRunner, flatten_step
 from tfbackend.engine.scheduler import ScheduledBatch
 from tfbackend.engine.sequence import Sequence
+from tfbackend.kernels.launch import compile_threads, compiling_ahead
 from tfbackend.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
 
 # A sequence's shape in a warm-up step: (query tokens this step, tokens already in its context).
 SequenceShape = tuple[int, int]
@@ -76,15 +87,39 @@ def first_steps(max_num_seqs: int) -> list[list[SequenceShape]]:
     return [[(2, 0)], [(1, 0)] * min(2, max_num_seqs)]
 
 
-def run_warmup(runner: ModelRunner, shapes: list[list[SequenceShape]], block_size: int) -> None:
-    """Run every step of ``shapes`` through ``runner`` (eagerly: it must have no CUDA graphs)."""
+def run_warmup(runner: ModelRunner, shapes: list[list[SequenceShape]], block_size: int,
+               compile_ahead: bool = False) -> None:
+    """Run every step of ``shapes`` through ``runner`` (eagerly: it must have no CUDA graphs); with
+    ``compile_ahead``, after a first pass that compiles their Triton kernels on several threads."""
+    if compile_ahead:
+        _compile_ahead(runner, shapes, block_size)
     for step in shapes:
-        params = _ALL_SAMPLING_FEATURES if len(step) == 1 else _GREEDY
-        seqs = [_sequence(i, query, context, params, block_size, runner.device)
-                for i, (query, context) in enumerate(step)]
-        runner.execute(ScheduledBatch(seqs, [query for query, _ in step]))
+        runner.execute(_batch(step, block_size, runner.device))
     if runner.device.type == "cuda":
         torch.cuda.synchronize(runner.device)
+
+
+def _compile_ahead(runner: ModelRunner, shapes: list[list[SequenceShape]], block_size: int) -> None:
+    """The steps' forward passes, with every Triton launch only compiling (see the module docstring). A failure
+    here costs only the head start: the steps proper compile whatever is missing, one by one."""
+    started, threads = time.perf_counter(), compile_threads()
+    try:
+        with compiling_ahead(threads):
+            for step in shapes:
+                runner.run_model(flatten_step(_batch(step, block_size, runner.device), block_size))
+    except Exception as error:  # noqa: BLE001 - the warm-up proper still compiles everything it meets
+        logger.warning("compiling the warm-up's Triton kernels ahead failed (%s: %s); they compile one by one",
+                       type(error).__name__, error)
+        return
+    logger.info("warm-up: Triton kernels compiled ahead on %d threads in %.2f s", threads,
+                time.perf_counter() - started)
+
+
+def _batch(step: list[SequenceShape], block_size: int, device: torch.device) -> ScheduledBatch:
+    """A warm-up step's batch: a lone sequence samples with every sampling feature, a batch's greedily."""
+    params = _ALL_SAMPLING_FEATURES if len(step) == 1 else _GREEDY
+    seqs = [_sequence(i, query, context, params, block_size, device) for i, (query, context) in enumerate(step)]
+    return ScheduledBatch(seqs, [query for query, _ in step])
 
 
 def _sequence(

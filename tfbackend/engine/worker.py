@@ -41,6 +41,7 @@ from tfbackend.engine.startup import StartupReport, freeze_startup_objects, paus
 from tfbackend.engine.step_broadcast import StepBroadcast
 from tfbackend.engine.warmup import SequenceShape, first_steps, run_warmup, warmup_shapes
 from tfbackend.hf_classes import load_hf_config
+from tfbackend.kernels.launch import can_compile_ahead
 from tfbackend.kv_cache import KVCache, KVCacheSpec
 from tfbackend.model_source import default_cache_dir
 from tfbackend.native.weights import safetensors_files
@@ -131,7 +132,8 @@ class Worker:
         shapes = self._warmup_steps(plan.max_num_seqs)
         if shapes:
             with self.startup.phase("warm up"):
-                run_warmup(self._scratch_runner(self.kv_cache, sampler), shapes, config.block_size)
+                run_warmup(self._scratch_runner(self.kv_cache, sampler), shapes, config.block_size,
+                           compile_ahead=self._compiles_ahead())
         else:
             self.startup.skip("warm up", self._eager_reason())
         if self.use_cuda_graphs:
@@ -174,6 +176,14 @@ class Worker:
         if isinstance(self.forward, CompiledForward) or self.device.type == "cuda":
             return warmup_shapes(self.max_batched_tokens, max_num_seqs, self.max_model_len)
         return first_steps(max_num_seqs)
+
+    def _compiles_ahead(self) -> bool:
+        """Whether the warm-up compiles its Triton kernels on several threads first: on a GPU whose Triton can,
+        unless the compiled forward came from the cache (the start that saved it compiled the kernels too, and
+        Triton's disk cache has them: a first pass would only cost time)."""
+        if self.device.type != "cuda" or (isinstance(self.forward, CompiledForward) and self.forward.aot_loaded):
+            return False
+        return can_compile_ahead()
 
     def _eager_reason(self) -> str:
         if self.config.enforce_eager:

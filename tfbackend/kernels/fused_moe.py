@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from tfbackend.kernels.grid import grouped_tile
+from tfbackend.kernels.launch import launch
 from tfbackend.kernels.moe import GatedActivation
 
 _SCAN_BLOCK = 1024  # pairs per iteration of the sorting kernels
@@ -295,8 +296,8 @@ def sort_pairs_by_expert(
     counts = torch.empty(num_experts, dtype=torch.int32, device=device)
     sorted_pairs = torch.empty(max_blocks * block_m, dtype=torch.int32, device=device)
     block_expert = torch.empty(max_blocks, dtype=torch.int32, device=device)
-    _count_kernel[(num_experts,)](flat_ids, counts, num_pairs, SCAN_BLOCK=_SCAN_BLOCK)
-    _place_kernel[(num_experts,)](
+    launch(_count_kernel, (num_experts,), flat_ids, counts, num_pairs, SCAN_BLOCK=_SCAN_BLOCK)
+    launch(_place_kernel, (num_experts,),
         flat_ids,
         counts,
         sorted_pairs,
@@ -341,7 +342,7 @@ def fused_experts_triton(
     inter = hidden.new_empty(num_pairs, inter_size)
     gate_up_bias_ = gate_up_bias if gate_up_bias is not None else gate_up  # any tensor fills an unused pointer
     grid = (num_row_blocks * triton.cdiv(inter_size, tiles.block_n_gate_up),)
-    _gate_up_kernel[grid](
+    launch(_gate_up_kernel, grid,
         hidden,
         gate_up,
         gate_up_bias_,
@@ -376,7 +377,7 @@ def fused_experts_triton(
     out = hidden.new_empty(num_pairs, hidden_size)
     down_bias_ = down_bias if down_bias is not None else down
     grid = (num_row_blocks * triton.cdiv(hidden_size, tiles.block_n_down),)
-    _down_kernel[grid](
+    launch(_down_kernel, grid,
         inter,
         down,
         down_bias_,

@@ -36,6 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
+from tfbackend.kernels.launch import launch
 from tfbackend.quantization.fp8 import _MIN_SCALE, FP8_MAX
 from tfbackend.quantization.kernels.tiles import DECODE_BLOCK_K, DECODE_NARROWEST_BLOCK_N, DECODE_TOKEN_LIMIT
 
@@ -201,7 +202,7 @@ def fp8_decode_gemm_launch(
     partials = torch.empty(splits if splits > 1 else 0, num_tokens, out_features, dtype=torch.float32,
                            device=x.device)
     tokens = triton.next_power_of_2(num_tokens)
-    _fp8_decode_gemm_kernel[(column_tiles, splits)](
+    launch(_fp8_decode_gemm_kernel, (column_tiles, splits),
         x, weight, weight_scale, out, codes, partials, tile_counters,
         num_tokens, out_features, in_features, x.stride(0), weight.stride(0), weight_scale.stride(0), out.stride(0),
         codes.stride(0), weight_block_n, weight_block_k, scale_ub if scale_ub is not None else 0.0,

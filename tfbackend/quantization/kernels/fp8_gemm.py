@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from tfbackend.kernels.grid import grouped_tile
+from tfbackend.kernels.launch import launch
 from tfbackend.quantization.kernels.tiles import tiles_for
 
 _GROUP_M = 8  # programs sharing weight columns run together, for L2 reuse
@@ -105,7 +106,7 @@ def fp8_gemm_launch(
     groups = [a_group_k, b_block_k]
     tiles = tiles_for(num_tokens, _k_step(in_features, groups))
     grid = (triton.cdiv(num_tokens, tiles.block_m) * triton.cdiv(out_features, tiles.block_n),)
-    _fp8_gemm_kernel[grid](
+    launch(_fp8_gemm_kernel, grid,
         a,
         a_scale,
         b,

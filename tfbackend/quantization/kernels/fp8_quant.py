@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from tfbackend.kernels.launch import launch
 from tfbackend.quantization.fp8 import _MIN_SCALE, FP8_DTYPE, FP8_MAX, ActivationScheme, quantize_activation
 
 _STATIC = ActivationScheme(dynamic=False)
@@ -50,7 +51,7 @@ def fp8_quantize_tokens_launch(
     if num_tokens == 0:
         return codes, scales
     block = triton.next_power_of_2(group_size)
-    _quantize_tokens_kernel[(num_tokens, num_groups)](
+    launch(_quantize_tokens_kernel, (num_tokens, num_groups),
         x, codes, scales, in_features, x.stride(0), codes.stride(0), scales.stride(0), group_size,
         scale_ub if scale_ub is not None else 0.0,
         HAS_UB=scale_ub is not None, FP8_MAX_VALUE=FP8_MAX, MIN_SCALE=_MIN_SCALE, BLOCK=block,

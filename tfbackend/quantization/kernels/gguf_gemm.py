@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from tfbackend.kernels.grid import grouped_tile
+from tfbackend.kernels.launch import launch
 from tfbackend.quantization.kernels.tiles import tiles_for
 
 Q8_0: tl.constexpr = tl.constexpr(0)
@@ -112,7 +113,7 @@ def gguf_gemm(
         return out
     tiles = tiles_for(num_tokens, 64)
     grid = (triton.cdiv(num_tokens, tiles.block_m) * triton.cdiv(out_features, tiles.block_n),)
-    _gguf_gemm_kernel[grid](
+    launch(_gguf_gemm_kernel, grid,
         x,
         qs,
         d,

@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from tfbackend.kernels.grid import grouped_tile
+from tfbackend.kernels.launch import launch
 from tfbackend.quantization.kernels.tiles import tiles_for
 
 _GROUP_M = 8
@@ -102,7 +103,7 @@ def w4a16_gemm(
     block_k = 64 if group_size % 64 == 0 else 32
     tiles = tiles_for(num_tokens, block_k)
     grid = (triton.cdiv(num_tokens, tiles.block_m) * triton.cdiv(out_features, tiles.block_n),)
-    _w4a16_gemm_kernel[grid](
+    launch(_w4a16_gemm_kernel, grid,
         x,
         qweight,
         scales,
