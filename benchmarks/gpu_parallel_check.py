@@ -15,8 +15,14 @@ and, for tensor parallelism, also eagerly:
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import gc
+import multiprocessing
+import os
+import signal
 import sys
+import threading
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -29,9 +35,38 @@ from tfbackend.bench.presets import random_checkpoint  # noqa: E402
 from tfbackend.bench.workloads import greedy  # noqa: E402
 
 PROMPT_LENS = [5, 17, 64, 100, 129, 300, 31, 1]
+# One engine (start, generate, stop) takes well under a minute; one still going after this is stuck.
+LAYOUT_SECONDS = float(os.environ.get("LAYOUT_SECONDS", 180))
+
+
+def watchdog(label: str, seconds: float) -> threading.Timer:
+    """After ``seconds``, print this process's stacks and every rank's (SIGUSR1: rank workers dump theirs), then
+    exit with status 3: a hung layout says where it waits instead of eating the device call."""
+
+    def expire() -> None:
+        print(f"=== {label}: not done after {seconds:.0f} s; the stacks of this process and its ranks follow",
+              flush=True)
+        faulthandler.dump_traceback(all_threads=True)
+        for child in multiprocessing.active_children():
+            os.kill(child.pid, signal.SIGUSR1)
+        time.sleep(5)
+        os._exit(3)
+
+    timer = threading.Timer(seconds, expire)
+    timer.daemon = True
+    timer.start()
+    return timer
 
 
 def tokens(model_dir: Path, impl: str, dtype: str, prompts, output_len: int, **engine) -> list[list[int]]:
+    timer = watchdog(f"{impl} {dtype} {engine}", LAYOUT_SECONDS)
+    try:
+        return _tokens(model_dir, impl, dtype, prompts, output_len, **engine)
+    finally:
+        timer.cancel()
+
+
+def _tokens(model_dir: Path, impl: str, dtype: str, prompts, output_len: int, **engine) -> list[list[int]]:
     llm = LLM(str(model_dir), model_impl=impl, dtype=dtype, device="cuda", kv_cache_memory=1 << 30,
               max_num_batched_tokens=256, max_model_len=1024, max_num_seqs=16, **engine)
     try:

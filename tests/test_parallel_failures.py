@@ -170,3 +170,30 @@ def _up(url: str) -> bool:
         return httpx.get(f"{url}/health", timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_a_stuck_process_prints_its_stacks_on_sigusr1_and_goes_on():
+    """What rank workers and `serve` install: `kill -USR1 <pid>` shows where each thread waits."""
+    script = (
+        "import sys, threading, time\n"
+        "from tfbackend.distributed.launch import dump_stacks_on_signal\n"
+        "dump_stacks_on_signal()\n"
+        "def waiting_for_a_peer():\n"
+        "    time.sleep(60)\n"
+        "threading.Thread(target=waiting_for_a_peer, daemon=True).start()\n"
+        "print('ready', flush=True)\n"
+        "sys.stdin.readline()\n"  # the main thread waits until told to exit
+        "print('still alive', flush=True)\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline().strip() == "ready"
+        process.send_signal(signal.SIGUSR1)
+        time.sleep(1)
+        out, err = process.communicate("\n", timeout=30)
+    finally:
+        process.kill()
+    assert out.strip() == "still alive"
+    assert "in waiting_for_a_peer" in err  # the other thread's stack
+    assert 'File "<string>", line 8 in <module>' in err  # and the main thread's, at its readline

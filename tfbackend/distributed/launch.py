@@ -4,15 +4,18 @@ Processes come from a fork server that has imported tfbackend (torch, transforme
 in a fraction of a second instead of importing everything again, and never inherits the state of the
 process that asked for it (threads, a CUDA context). ``TFBACKEND_RANK_START_METHOD=spawn`` starts each rank
 from scratch instead. A rank that fails leaves its error in the store
-(``report_failure``), so the driver can say what went wrong instead of only that a connection closed.
+(``report_failure``), so the driver can say what went wrong instead of only that a connection closed. A
+rank that hangs instead prints where each of its threads is on ``kill -USR1 <pid>`` (``dump_stacks_on_signal``).
 """
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import multiprocessing
-import os
 import multiprocessing.connection
+import os
+import signal
 import threading
 import traceback
 from collections.abc import Callable, Iterable
@@ -49,6 +52,14 @@ def process_context(default_method: str = "forkserver") -> multiprocessing.conte
         os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
         context.set_forkserver_preload(PRELOAD)
     return context
+
+
+def dump_stacks_on_signal() -> None:
+    """On SIGUSR1 (``kill -USR1 <pid>``), print every thread's Python stack to stderr and go on: where a stuck
+    process waits (a collective, a peer), without a debugger. For the processes tfbackend owns: rank workers
+    and ``serve``."""
+    if hasattr(signal, "SIGUSR1"):  # not on Windows
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
 
 
 def report_failure(store: dist.Store, rank: int, error: BaseException) -> None:

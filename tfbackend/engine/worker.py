@@ -21,7 +21,7 @@ import torch
 from tfbackend.attention import get_attention_backend
 from tfbackend.config import EngineConfig
 from tfbackend.distributed import ParallelContext, use_parallel
-from tfbackend.distributed.launch import report_failure
+from tfbackend.distributed.launch import dump_stacks_on_signal, report_failure
 from tfbackend.distributed.pipeline import StageLinks
 from tfbackend.distributed.rendezvous import (
     CONFIG_KEY,
@@ -239,6 +239,7 @@ class Worker:
 
 def run_worker(rendezvous: Rendezvous, rank: int) -> None:
     """A rank's process: join the others, build this rank's worker, run every step the driver sends."""
+    dump_stacks_on_signal()
     store = connect_store(rendezvous, is_master=False)
     try:
         store.set(joined_key(rank), "1")

@@ -83,6 +83,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tfbackend.distributed.launch import dump_stacks_on_signal
+
+    dump_stacks_on_signal()  # `kill -USR1 <pid>` prints where a stuck server (or node launcher) is
     if args.headless:  # the model and every engine setting come from the driver on node 0
         from tfbackend.engine.executor import run_headless_node
 
