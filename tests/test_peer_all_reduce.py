@@ -57,8 +57,9 @@ def _rank_main(rank: int, init_file: str, results) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
         outcome = {}
-        for scenario in _SCENARIOS:  # a new group each: a fresh name, as a new engine's would be in a new process
+        for scenario in _SCENARIOS:  # each as a new engine's ranks in new processes: a new group, nothing mapped
             group = CommGroup.of(dist.new_group([0, 1]), [0, 1])
+            peer_all_reduce._mapped_before = False
             outcome[scenario.__name__] = scenario(group)
         results.put((rank, outcome))
     finally:
@@ -75,10 +76,10 @@ def _sums(group: CommGroup) -> tuple:
 
 
 def _after_an_earlier_engine_on_rank_0(group: CommGroup) -> tuple[bool, bool]:
-    if group.rank == 0:  # the driver process ran an engine before; this rank's worker is a fresh process
-        peer_all_reduce._names_mapped.add(group.name)
+    if group.rank == 0:  # the driver process mapped some group for an engine before; this rank's worker is fresh
+        peer_all_reduce._mapped_before = True
     enabled = peer_all_reduce.enable(group, torch.device("cpu"))
-    return enabled, group.name in peer_all_reduce._names_mapped  # mapped here: tried (and would wait forever)
+    return enabled, peer_all_reduce._mapped_before  # on rank 1: whether it tried (and would wait forever)
 
 
 class _BufferThatWorksAlone:
@@ -109,7 +110,7 @@ def _with_the_variable_on_rank_1_only(group: CommGroup) -> tuple[bool, bool]:
         enabled = peer_all_reduce.enable(group, torch.device("cpu"))
     finally:
         os.environ.pop(peer_all_reduce.PEER_ALL_REDUCE_ENV, None)
-    return enabled, group.name in peer_all_reduce._names_mapped
+    return enabled, peer_all_reduce._mapped_before
 
 
 _SCENARIOS = (_sums, _after_an_earlier_engine_on_rank_0, _where_only_rank_0_can_map,
@@ -126,9 +127,10 @@ def test_op_sums_over_the_group_and_falls_back_where_peer_memory_is_missing(outc
         assert compiled == (expected * 2 + 1).tolist()
 
 
-def test_a_group_name_is_mapped_once_per_process_and_the_ranks_agree(outcomes):
-    """torch cannot map a group name's peer memory twice in one process (a later engine's groups reuse the
-    names): when any rank mapped it before, no rank tries again, so none of them waits for the others."""
+def test_a_process_maps_peer_memory_once_and_the_ranks_agree(outcomes):
+    """torch numbers its rendezvous exchanges per process and keeps a group name's mapping (a later engine's
+    groups reuse the names): a rank that mapped any group before and a fresh one would wait for each other
+    forever. So when any rank mapped peer memory before, no rank tries."""
     (enabled_0, _), (enabled_1, tried_1) = outcomes["_after_an_earlier_engine_on_rank_0"]
     assert not enabled_0 and not enabled_1
     assert not tried_1

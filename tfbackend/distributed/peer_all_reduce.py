@@ -82,7 +82,7 @@ class PeerBuffer:
 
 
 _buffers: dict[str, PeerBuffer] = {}
-_names_mapped: set[str] = set()
+_mapped_before = False  # whether this process has set up peer memory (for any group) already
 
 
 def enable(group: CommGroup, device: torch.device) -> bool:
@@ -90,27 +90,28 @@ def enable(group: CommGroup, device: torch.device) -> bool:
     ranks calls it). Checks a one-shot and a two-shot all-reduce against the exact sum; whatever fails (a torch
     without these kernels, a machine that does not map peer memory) leaves the group on the process group's own
     all-reduce (NCCL), with a log line saying why. Returns whether the peer path is on."""
+    global _mapped_before
     if group.size not in PEER_WORLD_SIZES:
         logger.info("all-reduce through peer memory needs 2, 4 or 8 ranks, not %d; the process group's backend "
                     "does every all-reduce", group.size)
         return False
-    # torch keeps a group name's peer mapping for the life of the process, and names start again from "0" when
-    # the groups of a later engine in the same process are made: mapping that name again waits forever. So each
-    # name is mapped once per process, and the group's ranks agree (a later engine's fresh workers would not know;
-    # nor does one node know another's environment).
+    # torch numbers the store exchanges of its symmetric-memory rendezvous per process, not per group, and keeps
+    # a group name's mapping for the life of the process (names start again from "0" for a later engine's
+    # groups). A process that has mapped peer memory before is ahead of a fresh worker, and a rendezvous between
+    # them waits forever (pytorch#196082; it hung TP=2 x PP=2 after a TP=4 engine in one process). So a process
+    # maps peer memory once, for its first multi-rank engine, and only when every rank of the group is as fresh.
     wanted = os.environ.get(PEER_ALL_REDUCE_ENV, "1") != "0"
-    fresh = group.name not in _names_mapped
-    agreed = torch.tensor([int(wanted), int(fresh)], device=device)
+    agreed = torch.tensor([int(wanted), int(not _mapped_before)], device=device)
     dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=group.group)
     if not agreed[0].item():
         logger.info("all-reduce through peer memory is off (%s=0 on a rank of group %s)", PEER_ALL_REDUCE_ENV,
                     group.name)
         return False
     if not agreed[1].item():
-        logger.info("all-reduce through peer memory was set up for group %s by an earlier engine of this "
-                    "process and cannot be again; the process group's backend does every all-reduce", group.name)
+        logger.info("all-reduce through peer memory was set up by an earlier engine of a process of group %s and "
+                    "cannot be again; the process group's backend does every all-reduce", group.name)
         return False
-    _names_mapped.add(group.name)
+    _mapped_before = True
     failure = None
     try:
         buffer = PeerBuffer(group.name, device)
