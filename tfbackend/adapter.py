@@ -128,7 +128,7 @@ class TransformersForCausalLM(CausalLM):
         transformers' own loader does the streaming (tensor by tensor from safetensors, applying the
         checkpoint-format conversions it knows, e.g. per-expert MoE weights into fused ones), so a
         checkpoint that loads in HF loads here, and no second copy of the weights is ever materialised.
-        With several ranks the checkpoint loads on the CPU and only this rank's share moves to ``device``.
+        With several ranks only this rank's share reaches ``device`` (``HFParallelLayout.load`` says how).
         Quantized checkpoints (and ``quantization="fp8"``) load through ``tfbackend.quantization`` instead.
         """
         hf_class = causal_lm_class(hf_config)
@@ -145,13 +145,12 @@ class TransformersForCausalLM(CausalLM):
             )
             return cls.wrap(hf_model)
         started = time.perf_counter()
-        with layout.loading_turn():
-            hf_model = hf_class.from_pretrained(
-                model_dir, config=hf_config, dtype=dtype, device_map=str(layout.load_device),
-                attn_implementation=ATTN_IMPLEMENTATION,
-            )
-            hf_model.eval().requires_grad_(False)
-            stage = layout.apply(hf_model)
+
+        def from_pretrained(device: torch.device) -> nn.Module:
+            return hf_class.from_pretrained(model_dir, config=hf_config, dtype=dtype, device_map=str(device),
+                                            attn_implementation=ATTN_IMPLEMENTATION)
+
+        hf_model, stage = layout.load(from_pretrained, hf_class, hf_config, dtype, ATTN_IMPLEMENTATION)
         use_fused_experts(hf_model)  # MoE experts through our fused kernel where it reproduces them; else HF's
         logger.info("%s: built and loaded by transformers in %.2f s", hf_class.__name__, time.perf_counter() - started)
         return cls.wrap(hf_model, stage)

@@ -36,13 +36,15 @@ hidden states replace the input of the first local layer; the output of the last
 sends on. Embeddings, final norm and LM head stay on every stage (they are cheap and keep the HF forward
 intact); only the last stage's outputs are used.
 
-Weights load on the CPU and only this rank's share moves to the device. Ranks of a node take turns loading
-when host memory does not hold a full copy per rank.
+Only this rank's share of the weights moves to the device: read from the memory-mapped checkpoint where its
+tensors are the model's by name (``mapped_checkpoint.py``), else from a whole copy that transformers loads on
+the CPU, the ranks of a node taking turns when host memory does not hold a copy per rank.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import re
@@ -64,6 +66,7 @@ from tfbackend.distributed.layers import (
     even_output,
     even_slice,
 )
+from tfbackend.distributed.mapped_checkpoint import detach_from_files, map_checkpoint
 from tfbackend.distributed.pipeline import stage_layers
 from tfbackend.distributed.state import ParallelContext, current_parallel
 from tfbackend.model_interface import IntermediateTensors, UnsupportedModelError
@@ -89,11 +92,12 @@ _HOST_MEMORY_SHARE = 0.8
 
 Action = Callable[[], None]
 
+logger = logging.getLogger(__name__)
+
 
 class HFParallelLayout:
     """How this rank builds its share of an HF model: ``refusal`` checks the model can be split (the fallback's
-    ``supports`` asks it), ``loading_turn`` and ``load_device`` say when and where to load it, ``apply`` cuts the
-    loaded model. On a single process everything here is a no-op."""
+    ``supports`` asks it), ``load`` loads this rank's share (``apply`` cuts a loaded model). On a single process everything here is a no-op."""
 
     def __init__(self, model_dir: str | Path, device: torch.device):
         self.parallel = current_parallel()
@@ -117,13 +121,29 @@ class HFParallelLayout:
             return str(error)
         return None
 
-    @property
-    def load_device(self) -> torch.device:
-        """Where the whole checkpoint is loaded before it is cut: the CPU when several ranks share it."""
-        return torch.device("cpu") if self.active else self.device
+    def load(self, from_pretrained: Callable[[torch.device], nn.Module], hf_class: type, hf_config,
+             dtype: torch.dtype, attn_implementation: str) -> tuple[nn.Module, HFPipelineStage | None]:
+        """This rank's share of the model on the device, and its pipeline stage if any.
+
+        One process: ``from_pretrained`` onto the device. Several ranks: the model is built with its parameters
+        viewing the checkpoint files (``map_checkpoint``), so cutting it reads and copies only this rank's
+        share; where transformers would convert the checkpoint's tensors, ``from_pretrained`` loads the whole
+        model on the CPU instead, in turns that host memory holds, and the rank cuts that copy."""
+        if not self.active:
+            return from_pretrained(self.device).eval().requires_grad_(False), None
+        mapped = map_checkpoint(hf_class, hf_config, self.model_dir, dtype, attn_implementation)
+        if mapped is not None:
+            hf_model, storages = mapped
+            stage = self.apply(hf_model)
+            detach_from_files(hf_model, storages)
+            logger.info("%s: this rank's share read from the memory-mapped checkpoint", hf_class.__name__)
+            return hf_model, stage
+        with self._loading_turn():
+            hf_model = from_pretrained(torch.device("cpu")).eval().requires_grad_(False)
+            return hf_model, self.apply(hf_model)
 
     @contextlib.contextmanager
-    def loading_turn(self) -> Iterator[None]:
+    def _loading_turn(self) -> Iterator[None]:
         """Load inside this block: ranks of a node take turns in groups that host memory can hold at once."""
         if not self.active:
             yield

@@ -1,0 +1,127 @@
+"""An HF model whose parameters view its safetensors files in place: what a rank of a multi-rank fallback cuts.
+
+transformers loads a checkpoint by copying every tensor, so each rank of a tensor-parallel fallback used to
+hold the whole model in host memory before keeping its share: Llama-3.1-70B at TP=4 spent 64 s of a 125 s
+start loading (`docs/benchmarks.md`, sixth session), in turns that host memory could hold. Here the model is
+built with its parameters on the meta device (buffers such as rotary frequencies computed as usual), then each
+parameter becomes a tensor over the file's bytes, memory-mapped copy-on-write: nothing is read until used,
+and cutting the model then reads and copies only this rank's slices (a column slice's pages, a row slice's
+strided bytes) from the page cache that every rank shares.
+
+Only for checkpoints whose tensors are exactly the model's state by name, in floating dtypes, and models that
+keep no module in float32 on purpose: anything transformers would rename, convert, cast selectively or drop
+is loaded by transformers instead (``map_checkpoint`` returns None).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import mmap
+import struct
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from tfbackend.native.weights import safetensors_files
+
+logger = logging.getLogger(__name__)
+
+# safetensors' dtype names -> torch dtypes (the floating ones a model's state holds)
+_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+
+
+def map_checkpoint(hf_class: type, hf_config, model_dir: str | Path, dtype: torch.dtype,
+                   attn_implementation: str) -> tuple[nn.Module, set[int]] | None:
+    """``hf_class`` built for ``hf_config`` with every parameter and persistent buffer viewing the checkpoint in
+    ``model_dir`` (cast to ``dtype`` where stored otherwise: a copy), and the storages that view the files (for
+    ``detach_from_files``); None where transformers must load it (see the module docstring)."""
+    from accelerate import init_empty_weights
+
+    files = safetensors_files(model_dir)
+    if not files:
+        return None
+    with init_empty_weights(include_buffers=False):
+        model = hf_class._from_config(hf_config, dtype=dtype, attn_implementation=attn_implementation)
+    if getattr(model, "_keep_in_fp32_modules", None) or getattr(model, "_keep_in_fp32_modules_strict", None):
+        return None
+    persistent = set(model.state_dict())
+    aliases: dict[int, list[str]] = {}  # a tensor -> every name it has (tied weights have several)
+    for name, tensor in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        if name in persistent:
+            aliases.setdefault(id(tensor), []).append(name)
+    entries = _tensor_entries(files)
+    every_name = {name for names in aliases.values() for name in names}
+    if not set(entries) <= every_name or any(entry[1] not in _DTYPES for entry in entries.values()):
+        return None
+    mapped = _MappedFiles()
+    for names in aliases.values():
+        stored = next((name for name in names if name in entries), None)
+        if stored is None:  # an output embedding tied to the input one, say: ``tie_weights`` fills it below
+            continue
+        tensor = mapped.tensor(*entries[stored])
+        tensor = tensor if tensor.dtype == dtype else tensor.to(dtype)
+        parameter = nn.Parameter(tensor, requires_grad=False)
+        for alias in names:  # the same object under every name: weights tied at build time stay tied
+            module_name, _, leaf = alias.rpartition(".")
+            module = model.get_submodule(module_name)
+            if leaf in module._parameters:
+                module._parameters[leaf] = parameter
+            else:
+                module._buffers[leaf] = tensor
+    model.tie_weights()
+    if any(tensor.is_meta for tensor in [*model.parameters(), *model.buffers()]):
+        return None  # the checkpoint lacks a tensor that tying does not supply: transformers decides what to do
+    model.eval().requires_grad_(False)
+    return model, mapped.storages
+
+
+def detach_from_files(model: nn.Module, storages: set[int]) -> None:
+    """Copy whatever still views the checkpoint files (``storages``: on the CPU, the parts a rank keeps whole),
+    so the model no longer depends on them (a file replaced while serving would take the mapped pages along)."""
+    copies: dict[int, torch.Tensor] = {}  # tied weights stay one tensor
+    for module in model.modules():
+        for tensors in (module._parameters, module._buffers):
+            for name, tensor in tensors.items():
+                if tensor is None or tensor.untyped_storage().data_ptr() not in storages:
+                    continue
+                if id(tensor) not in copies:
+                    copy = tensor.detach().clone()
+                    is_parameter = isinstance(tensor, nn.Parameter)
+                    copies[id(tensor)] = nn.Parameter(copy, requires_grad=False) if is_parameter else copy
+                tensors[name] = copies[id(tensor)]
+
+
+def _tensor_entries(files: list[Path]) -> dict[str, tuple[Path, str, list[int], int, int]]:
+    """Tensor name -> (file, dtype name, shape, start, end), the byte range counted from the file's start."""
+    entries = {}
+    for path in files:
+        with open(path, "rb") as f:
+            (header_size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(header_size))
+        for name, info in header.items():
+            if name != "__metadata__":
+                start, end = info["data_offsets"]
+                entries[name] = (path, info["dtype"], info["shape"], 8 + header_size + start, 8 + header_size + end)
+    return entries
+
+
+class _MappedFiles:
+    """Each file mapped once, copy-on-write (writable views without a copy; nothing written reaches the file)."""
+
+    def __init__(self):
+        self.maps: dict[Path, mmap.mmap] = {}
+        self.storages: set[int] = set()
+
+    def tensor(self, path: Path, dtype_name: str, shape: list[int], start: int, end: int) -> torch.Tensor:
+        if path not in self.maps:
+            with open(path, "rb") as f:
+                self.maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        dtype = _DTYPES[dtype_name]
+        count = (end - start) // dtype.itemsize
+        if count == 0:
+            return torch.empty(shape, dtype=dtype)
+        tensor = torch.frombuffer(self.maps[path], dtype=dtype, count=count, offset=start).view(shape)
+        self.storages.add(tensor.untyped_storage().data_ptr())
+        return tensor
