@@ -41,10 +41,10 @@ def _async_compile_mode() -> type | None:
     """Triton's asynchronous compile mode (Triton 3.4 and later), imported on first use: serving on a CPU
     never imports Triton."""
     try:
-        from triton.runtime._async_compile import AsyncCompileMode
-    except ImportError:  # an older Triton, or none
+        import triton
+    except ImportError:
         return None
-    return AsyncCompileMode
+    return getattr(triton, "AsyncCompileMode", None)  # absent before Triton 3.4
 
 
 def can_compile_ahead() -> bool:
