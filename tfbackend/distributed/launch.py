@@ -16,6 +16,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import signal
+import sys
 import threading
 import traceback
 from collections.abc import Callable, Iterable
@@ -58,8 +59,13 @@ def dump_stacks_on_signal() -> None:
     """On SIGUSR1 (``kill -USR1 <pid>``), print every thread's Python stack to stderr and go on: where a stuck
     process waits (a collective, a peer), without a debugger. For the processes tfbackend owns: rank workers
     and ``serve``."""
-    if hasattr(signal, "SIGUSR1"):  # not on Windows
-        faulthandler.register(signal.SIGUSR1, all_threads=True)
+    stream = sys.__stderr__  # the process's own stderr (sys.stderr may be a capture without a file descriptor)
+    if not hasattr(signal, "SIGUSR1") or stream is None:  # Windows; no stderr at all
+        return
+    try:
+        faulthandler.register(signal.SIGUSR1, file=stream, all_threads=True)
+    except (OSError, ValueError) as error:  # a stderr without a file descriptor
+        logger.debug("no stack dumps on SIGUSR1: %s", error)
 
 
 def report_failure(store: dist.Store, rank: int, error: BaseException) -> None:
