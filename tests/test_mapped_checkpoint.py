@@ -14,9 +14,9 @@ from safetensors.torch import load_file, save_file
 from tests.parallel_runs import NEW_TOKENS, generate, prompts_below
 from tests.tiny_models import hf_greedy, make_checkpoint
 
-from tfbackend.distributed.mapped_checkpoint import _tensor_entries, detach_from_files, map_checkpoint
+from tfbackend.distributed.mapped_checkpoint import detach_from_files, map_checkpoint
 from tfbackend.hf_classes import causal_lm_class, load_hf_config
-from tfbackend.native.weights import safetensors_files
+from tfbackend.native.weights import safetensors_files, tensor_entries
 
 
 def mapped(model_dir: Path, dtype: torch.dtype = torch.float32):
@@ -39,7 +39,7 @@ def test_a_mapped_model_computes_what_transformers_loads(model_type, overrides, 
     assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == (
         expected.get_output_embeddings().weight is expected.get_input_embeddings().weight)
     # Every stored tensor is a view of its file, not a copy.
-    assert len(storages) == len(_tensor_entries(safetensors_files(tmp_path)))
+    assert len(storages) == len(tensor_entries(safetensors_files(tmp_path)))
     assert all(p.untyped_storage().data_ptr() in storages for p in model.parameters())
     input_ids = torch.randint(3, 200, (1, 17))
     with torch.no_grad():
@@ -73,7 +73,7 @@ def test_a_checkpoint_transformers_converts_is_left_to_it(tmp_path):
     hf_config = load_hf_config(tmp_path)
     with torch.device("meta"):
         names = set(causal_lm_class(hf_config)(hf_config).state_dict())
-    if set(_tensor_entries(safetensors_files(tmp_path))) <= names:
+    if set(tensor_entries(safetensors_files(tmp_path))) <= names:
         pytest.skip("this transformers stores Mixtral under the model's own names")
     assert mapped(tmp_path) is None
 
@@ -86,3 +86,22 @@ def test_tensor_parallel_fallback_cuts_the_mapped_checkpoint(tmp_path, caplog):
         tokens, _ = generate(tmp_path, prompts, model_impl="transformers", tensor_parallel_size=2)
     assert "read from the memory-mapped checkpoint" in caplog.text  # rank 0 runs in this process
     assert tokens == hf_greedy(hf_model, prompts, NEW_TOKENS)
+
+
+def test_checkpoint_views_hold_what_reading_gives_and_never_write_the_file(tmp_path):
+    """What a native port's dense load streams (``iterate_safetensors(views=True)``): tensors over the mapped
+    files, equal to the tensors read one by one; writing into one changes neither the file nor a later read."""
+    from tfbackend.native.weights import iterate_safetensors
+
+    make_checkpoint("llama", tmp_path)
+    path = safetensors_files(tmp_path)[0]
+    save_file({**load_file(path), "extra.int_ids": torch.arange(5), "extra.empty": torch.zeros(0)}, path,
+              metadata={"format": "pt"})
+    read = dict(iterate_safetensors(tmp_path))
+    views = dict(iterate_safetensors(tmp_path, views=True))
+    assert read.keys() == views.keys()
+    for name, tensor in read.items():
+        assert views[name].dtype == tensor.dtype and torch.equal(views[name], tensor), name
+    name = next(iter(views))
+    views[name].fill_(7)
+    assert torch.equal(dict(iterate_safetensors(tmp_path))[name], read[name])

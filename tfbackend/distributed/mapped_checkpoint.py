@@ -15,21 +15,15 @@ is loaded by transformers instead (``map_checkpoint`` returns None).
 
 from __future__ import annotations
 
-import json
-import logging
-import mmap
-import struct
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from tfbackend.native.weights import safetensors_files
+from tfbackend.native.weights import MappedFiles, safetensors_files, tensor_entries
 
-logger = logging.getLogger(__name__)
-
-# safetensors' dtype names -> torch dtypes (the floating ones a model's state holds)
-_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+# The stored dtypes mapped: floating ones (a model's state; anything else is transformers' to interpret)
+_FLOATING = {"BF16", "F16", "F32"}
 
 
 def map_checkpoint(hf_class: type, hf_config, model_dir: str | Path, dtype: torch.dtype,
@@ -51,16 +45,16 @@ def map_checkpoint(hf_class: type, hf_config, model_dir: str | Path, dtype: torc
     for name, tensor in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
         if name in persistent:
             aliases.setdefault(id(tensor), []).append(name)
-    entries = _tensor_entries(files)
+    entries = tensor_entries(files)
     every_name = {name for names in aliases.values() for name in names}
-    if not set(entries) <= every_name or any(entry[1] not in _DTYPES for entry in entries.values()):
+    if not set(entries) <= every_name or any(entry.dtype not in _FLOATING for entry in entries.values()):
         return None
-    mapped = _MappedFiles()
+    mapped = MappedFiles()
     for names in aliases.values():
         stored = next((name for name in names if name in entries), None)
         if stored is None:  # an output embedding tied to the input one, say: ``tie_weights`` fills it below
             continue
-        tensor = mapped.tensor(*entries[stored])
+        tensor = mapped.tensor(entries[stored])
         tensor = tensor if tensor.dtype == dtype else tensor.to(dtype)
         parameter = nn.Parameter(tensor, requires_grad=False)
         for alias in names:  # the same object under every name: weights tied at build time stay tied
@@ -91,37 +85,3 @@ def detach_from_files(model: nn.Module, storages: set[int]) -> None:
                     is_parameter = isinstance(tensor, nn.Parameter)
                     copies[id(tensor)] = nn.Parameter(copy, requires_grad=False) if is_parameter else copy
                 tensors[name] = copies[id(tensor)]
-
-
-def _tensor_entries(files: list[Path]) -> dict[str, tuple[Path, str, list[int], int, int]]:
-    """Tensor name -> (file, dtype name, shape, start, end), the byte range counted from the file's start."""
-    entries = {}
-    for path in files:
-        with open(path, "rb") as f:
-            (header_size,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(header_size))
-        for name, info in header.items():
-            if name != "__metadata__":
-                start, end = info["data_offsets"]
-                entries[name] = (path, info["dtype"], info["shape"], 8 + header_size + start, 8 + header_size + end)
-    return entries
-
-
-class _MappedFiles:
-    """Each file mapped once, copy-on-write (writable views without a copy; nothing written reaches the file)."""
-
-    def __init__(self):
-        self.maps: dict[Path, mmap.mmap] = {}
-        self.storages: set[int] = set()
-
-    def tensor(self, path: Path, dtype_name: str, shape: list[int], start: int, end: int) -> torch.Tensor:
-        if path not in self.maps:
-            with open(path, "rb") as f:
-                self.maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        dtype = _DTYPES[dtype_name]
-        count = (end - start) // dtype.itemsize
-        if count == 0:
-            return torch.empty(shape, dtype=dtype)
-        tensor = torch.frombuffer(self.maps[path], dtype=dtype, count=count, offset=start).view(shape)
-        self.storages.add(tensor.untyped_storage().data_ptr())
-        return tensor

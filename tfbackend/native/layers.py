@@ -177,7 +177,9 @@ class NativeCausalLM(CausalLM):
         for module in model.modules():
             if isinstance(module, RotaryEmbedding):
                 module.init_buffers()
-        weights = iterate_safetensors(model_dir)
+        # Dense parameters copy what they load, so they can read the mapped files in place; quantized layers
+        # may keep a checkpoint tensor as it is, so theirs are read into tensors of their own.
+        weights = iterate_safetensors(model_dir, views=method is None)
         if method is not None:
             weights = method.prepare_checkpoint(weights, claimed=set(quantized_sinks(model)))
         model.load_weights(weights)
