@@ -24,7 +24,8 @@ done
 
 echo "=================== startup phases of the fallback's cold and warm starts (gemma2-2b, olmoe-1b-7b)"
 for preset in gemma2-2b olmoe-1b-7b; do
-  echo "--- $preset"; grep -E "startup: (resolve|load|compile|warm|total)" "$OUT/cold-$preset.log" | sed 's/.*startup: //'
+  echo "--- $preset"; grep -E "startup: (resolve|load|compile|warm|total)|compiled ahead|ahead failed" \
+    "$OUT/cold-$preset.log" | sed -E 's/.*(startup|warmup): //'
 done
 sed -n '/=== startup check/,$p' "$OUT/startup_check.txt"
 for preset in gemma2-2b olmoe-1b-7b; do sed -n '/^throughput on/,$p' "$OUT/cold-$preset.log"; done
