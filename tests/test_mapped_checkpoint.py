@@ -105,3 +105,11 @@ def test_checkpoint_views_hold_what_reading_gives_and_never_write_the_file(tmp_p
     name = next(iter(views))
     views[name].fill_(7)
     assert torch.equal(dict(iterate_safetensors(tmp_path))[name], read[name])
+
+
+def test_a_checkpoint_without_safetensors_is_left_to_transformers(tmp_path):
+    hf_model = make_checkpoint("llama", tmp_path)
+    for path in safetensors_files(tmp_path):
+        path.unlink()
+    torch.save(hf_model.state_dict(), tmp_path / "pytorch_model.bin")  # the older PyTorch format
+    assert mapped(tmp_path) is None

@@ -33,8 +33,9 @@ def map_checkpoint(hf_class: type, hf_config, model_dir: str | Path, dtype: torc
     ``detach_from_files``); None where transformers must load it (see the module docstring)."""
     from accelerate import init_empty_weights
 
-    files = safetensors_files(model_dir)
-    if not files:
+    try:
+        files = safetensors_files(model_dir)
+    except FileNotFoundError:  # a checkpoint in another format (PyTorch .bin): transformers reads it
         return None
     with init_empty_weights(include_buffers=False):
         model = hf_class._from_config(hf_config, dtype=dtype, attn_implementation=attn_implementation)
