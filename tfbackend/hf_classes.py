@@ -46,6 +46,19 @@ def load_hf_config(model_dir, trust_remote_code: bool = False):
     return hf_config
 
 
+def empty_model(hf_class: type, hf_config, dtype, attn_implementation: str | None = None):
+    """``hf_class`` built for ``hf_config`` as ``AutoModelForCausalLM.from_config`` would, with its parameters on
+    the meta device (buffers such as rotary frequencies computed as usual) and tied ones shared: to fill from a
+    checkpoint without a second copy. ``attn_implementation`` as for ``from_pretrained`` (None: the default)."""
+    from accelerate import init_empty_weights
+
+    attention = {"attn_implementation": attn_implementation} if attn_implementation is not None else {}
+    with init_empty_weights(include_buffers=False):
+        model = hf_class._from_config(hf_config, dtype=dtype, **attention)
+    model.tie_weights()
+    return model
+
+
 def causal_lm_class(hf_config) -> type | None:
     """The HF class that generates with this config: the checkpoint's own code when it ships some (allowed by
     ``load_hf_config``), else by config type, else the checkpoint's architectures (text decoders of

@@ -97,7 +97,8 @@ logger = logging.getLogger(__name__)
 
 class HFParallelLayout:
     """How this rank builds its share of an HF model: ``refusal`` checks the model can be split (the fallback's
-    ``supports`` asks it), ``load`` loads this rank's share (``apply`` cuts a loaded model). On a single process everything here is a no-op."""
+    ``supports`` asks it), ``load`` loads this rank's share. On a single process ``load`` is
+    transformers' own."""
 
     def __init__(self, model_dir: str | Path, device: torch.device):
         self.parallel = current_parallel()
@@ -134,20 +135,17 @@ class HFParallelLayout:
         mapped = map_checkpoint(hf_class, hf_config, self.model_dir, dtype, attn_implementation)
         if mapped is not None:
             hf_model, storages = mapped
-            stage = self.apply(hf_model)
+            stage = self._apply(hf_model)
             detach_from_files(hf_model, storages)
             logger.info("%s: this rank's share read from the memory-mapped checkpoint", hf_class.__name__)
             return hf_model, stage
         with self._loading_turn():
             hf_model = from_pretrained(torch.device("cpu")).eval().requires_grad_(False)
-            return hf_model, self.apply(hf_model)
+            return hf_model, self._apply(hf_model)
 
     @contextlib.contextmanager
     def _loading_turn(self) -> Iterator[None]:
         """Load inside this block: ranks of a node take turns in groups that host memory can hold at once."""
-        if not self.active:
-            yield
-            return
         parallel = self.parallel
         at_once = parallel.min_over_ranks(max(1, int(_available_host_bytes() * _HOST_MEMORY_SHARE
                                                      // max(1, _checkpoint_bytes(self.model_dir)))))
@@ -160,10 +158,8 @@ class HFParallelLayout:
             for _ in range(mine, turns):
                 dist.barrier(group=parallel.world_cpu)
 
-    def apply(self, hf_model: nn.Module) -> HFPipelineStage | None:
+    def _apply(self, hf_model: nn.Module) -> HFPipelineStage | None:
         """Cut the loaded model to this rank's share and move it to the device; the pipeline stage, if any."""
-        if not self.active:
-            return None
         stage = HFPipelineStage(hf_model, self.parallel) if self.parallel.pp_size > 1 else None
         for action in _tensor_parallel_actions(hf_model, self.parallel.tp):
             action()

@@ -3,7 +3,7 @@
 transformers loads a checkpoint by copying every tensor, so each rank of a tensor-parallel fallback used to
 hold the whole model in host memory before keeping its share: Llama-3.1-70B at TP=4 spent 64 s of a 125 s
 start loading (`docs/benchmarks.md`, sixth session), in turns that host memory could hold. Here the model is
-built with its parameters on the meta device (buffers such as rotary frequencies computed as usual), then each
+built with its parameters on the meta device (``hf_classes.empty_model``), then each
 parameter becomes a tensor over the file's bytes, memory-mapped copy-on-write: nothing is read until used,
 and cutting the model then reads and copies only this rank's slices (a column slice's pages, a row slice's
 strided bytes) from the page cache that every rank shares.
@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from tfbackend.hf_classes import empty_model
 from tfbackend.native.weights import MappedFiles, safetensors_files, tensor_entries
 
 # The stored dtypes mapped: floating ones (a model's state; anything else is transformers' to interpret)
@@ -31,14 +32,11 @@ def map_checkpoint(hf_class: type, hf_config, model_dir: str | Path, dtype: torc
     """``hf_class`` built for ``hf_config`` with every parameter and persistent buffer viewing the checkpoint in
     ``model_dir`` (cast to ``dtype`` where stored otherwise: a copy), and the storages that view the files (for
     ``detach_from_files``); None where transformers must load it (see the module docstring)."""
-    from accelerate import init_empty_weights
-
     try:
         files = safetensors_files(model_dir)
     except FileNotFoundError:  # a checkpoint in another format (PyTorch .bin): transformers reads it
         return None
-    with init_empty_weights(include_buffers=False):
-        model = hf_class._from_config(hf_config, dtype=dtype, attn_implementation=attn_implementation)
+    model = empty_model(hf_class, hf_config, dtype, attn_implementation)
     if getattr(model, "_keep_in_fp32_modules", None) or getattr(model, "_keep_in_fp32_modules_strict", None):
         return None
     persistent = set(model.state_dict())
@@ -47,27 +45,22 @@ def map_checkpoint(hf_class: type, hf_config, model_dir: str | Path, dtype: torc
         if name in persistent:
             aliases.setdefault(id(tensor), []).append(name)
     entries = tensor_entries(files)
+    stored = [next((name for name in names if name in entries), None) for names in aliases.values()]
     every_name = {name for names in aliases.values() for name in names}
-    if not set(entries) <= every_name or any(entry.dtype not in _FLOATING for entry in entries.values()):
-        return None
+    if None in stored or not set(entries) <= every_name or any(e.dtype not in _FLOATING for e in entries.values()):
+        return None  # a tensor the checkpoint lacks, or one the model does not have: transformers decides
     mapped = MappedFiles()
-    for names in aliases.values():
-        stored = next((name for name in names if name in entries), None)
-        if stored is None:  # an output embedding tied to the input one, say: ``tie_weights`` fills it below
-            continue
-        tensor = mapped.tensor(entries[stored])
+    for names, name in zip(aliases.values(), stored):
+        tensor = mapped.tensor(entries[name])
         tensor = tensor if tensor.dtype == dtype else tensor.to(dtype)
         parameter = nn.Parameter(tensor, requires_grad=False)
-        for alias in names:  # the same object under every name: weights tied at build time stay tied
+        for alias in names:  # the same object under every name: tied weights stay tied
             module_name, _, leaf = alias.rpartition(".")
             module = model.get_submodule(module_name)
             if leaf in module._parameters:
                 module._parameters[leaf] = parameter
             else:
                 module._buffers[leaf] = tensor
-    model.tie_weights()
-    if any(tensor.is_meta for tensor in [*model.parameters(), *model.buffers()]):
-        return None  # the checkpoint lacks a tensor that tying does not supply: transformers decides what to do
     model.eval().requires_grad_(False)
     return model, mapped.storages
 

@@ -109,8 +109,4 @@ class MappedFiles:
 
 def checkpoint_tensor_names(model_dir: str | Path) -> list[str]:
     """Names of every tensor of the checkpoint, read from the files' headers without loading any tensor."""
-    names: list[str] = []
-    for path in safetensors_files(model_dir):
-        with safe_open(path, framework="pt", device="cpu") as f:
-            names.extend(f.keys())
-    return names
+    return list(tensor_entries(safetensors_files(model_dir)))

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from accelerate import init_empty_weights
 from transformers import PreTrainedModel
 
+from tfbackend.hf_classes import empty_model
 from tfbackend.native.weights import checkpoint_tensor_names, iterate_safetensors
 from tfbackend.quantization.config import QuantizationMethod
 from tfbackend.quantization.kv_cache import is_kv_cache_scale
@@ -40,15 +40,12 @@ def load_quantized_hf_model(
     config = copy.deepcopy(hf_config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # ours to apply, not transformers'
-    attention = {"attn_implementation": attn_implementation} if attn_implementation is not None else {}
     if method.online:
+        attention = {"attn_implementation": attn_implementation} if attn_implementation is not None else {}
         model = hf_class.from_pretrained(model_dir, config=config, dtype=dtype, device_map=str(device), **attention)
         _quantize_in_place(model, method, dtype, device)
         return model
-    with init_empty_weights(include_buffers=False):
-        # What AutoModelForCausalLM.from_config does for this class.
-        model = hf_class._from_config(config, dtype=dtype, **attention)
-    model.tie_weights()  # share tied parameters before allocating, so one tensor fills both
+    model = empty_model(hf_class, config, dtype, attn_implementation)  # tied parameters shared: one fills both
     replace_linears(model, _linear_slots(model), method, checkpoint_tensor_names(model_dir), dtype, device)
     _materialize(model, device)
     sinks = quantized_sinks(model)
