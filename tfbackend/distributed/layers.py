@@ -146,9 +146,10 @@ class ColumnParallelLinear(nn.Module):
         projections of ``slices`` laid end to end."""
         full_sizes = [s.full for s in self.slices]
         for param, full in ((self.weight, weight), (self.bias, bias)):
-            if param is not None:
+            if param is not None:  # each slice copied into its rows: no host-side concatenation first
                 parts = full.split(full_sizes, dim=0)
-                param.copy_(torch.cat([s.take(part) for s, part in zip(self.slices, parts)]))
+                for s, part, offset in zip(self.slices, parts, accumulate([0, *self.output_sizes])):
+                    param.narrow(0, offset, s.size).copy_(s.take(part))
         return self
 
     def extra_repr(self) -> str:

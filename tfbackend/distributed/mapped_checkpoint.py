@@ -2,11 +2,12 @@
 
 transformers loads a checkpoint by copying every tensor, so each rank of a tensor-parallel fallback used to
 hold the whole model in host memory before keeping its share: Llama-3.1-70B at TP=4 spent 64 s of a 125 s
-start loading (`docs/benchmarks.md`, sixth session), in turns that host memory could hold. Here the model is
-built with its parameters on the meta device (``hf_classes.empty_model``), then each
-parameter becomes a tensor over the file's bytes, memory-mapped copy-on-write: nothing is read until used,
-and cutting the model then reads and copies only this rank's slices (a column slice's pages, a row slice's
-strided bytes) from the page cache that every rank shares.
+start loading, in turns that host memory could hold (27 s over the mapped files: `docs/benchmarks.md`, sixth
+and seventh sessions). Here the model is built with its parameters on the meta device
+(``hf_classes.empty_model``), then each parameter becomes a tensor over the file's bytes, memory-mapped
+copy-on-write: nothing is read until used, and cutting the model then copies only this rank's slices (a
+column slice's pages, a row slice's strided bytes) from the page cache that every rank shares, straight into
+the layers it builds on the device.
 
 Only for checkpoints whose tensors are exactly the model's state by name, in floating dtypes, and models that
 keep no module in float32 on purpose: anything transformers would rename, convert, cast selectively or drop
