@@ -23,6 +23,7 @@ from tfbackend.engine.compile_cache import (
     aot_cache_dir,
 )
 from tfbackend.engine.cuda_graphs import CompiledForward
+from tfbackend.engine.piecewise_compile import start_compile_workers
 
 MAX_MODEL_LEN = 128
 
@@ -51,17 +52,31 @@ def test_the_second_start_loads_the_saved_forward_with_the_same_tokens(tmp_path,
     with monkeypatch.context() as eager_only:
         eager = greedy_tokens(path, impl, compiled=False, monkeypatch=eager_only)
     monkeypatch.setattr(worker, "COMPILE_DEVICE_TYPES", ("cuda", "cpu"))
+    pool_starts = []  # Inductor's compile workers are started ahead of a compile, not for a loaded forward
+    monkeypatch.setattr(worker, "start_compile_workers", pool_starts.append)
 
     first, forward = start(path, impl)
     assert first == eager
     assert forward.aot_function is not None and not forward.aot_loaded
     saved = list((tmp_path / "cache" / "compile" / "aot").glob("*.bin"))
     assert len(saved) == 1
+    assert pool_starts == [torch.device("cpu")]
 
     second, forward = start(path, impl)
     assert second == eager
     assert forward.aot_loaded
     assert counters["stats"]["unique_graphs"] == 0  # dynamo traced nothing: the saved bytecode ran
+    assert len(pool_starts) == 1
+
+
+@pytest.mark.parametrize("device,starts", [("cuda", 1), ("cpu", 0)])
+def test_compile_workers_start_for_gpu_models_only(monkeypatch, device, starts):
+    from torch._inductor import async_compile
+
+    calls = []
+    monkeypatch.setattr(async_compile, "maybe_warm_pool", lambda: calls.append(True))
+    start_compile_workers(torch.device(device))
+    assert len(calls) == starts
 
 
 class Embed(torch.nn.Module):

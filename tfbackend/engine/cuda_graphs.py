@@ -79,6 +79,11 @@ class CompiledForward:
         self.aot_function: Callable[..., torch.Tensor] | None = None
         self.aot_loaded = False  # the forward came from aot_path, not from a compile in this process
 
+    def compiles_with_inductor(self) -> bool:
+        """Whether the first call will run Inductor: the production backend and no saved forward to load."""
+        return (self.compiled is not None and type(self).backend is piecewise_inductor
+                and (self.aot_path is None or not self.aot_path.is_file()))
+
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         if self.aot_function is not None:
             return self.aot_function(self.model, input_ids, positions)

@@ -38,6 +38,23 @@ def split_targets() -> tuple[Any, ...]:
 PieceCompiler = Callable[[fx.GraphModule, list[Any]], Callable[..., Any]]
 
 
+def start_compile_workers(device: torch.device) -> None:
+    """Start Inductor's compile subprocesses now, ahead of the trace that precedes the first compile.
+
+    Inductor compiles a Triton kernel in the calling process, one after another, whenever its subprocess pool
+    is not ready yet, and the pool takes seconds to start (each worker imports torch). Left to itself, the
+    pool starts at the first kernel (``compile_fx``, which ``piecewise_inductor`` calls; torch's own Inductor
+    backend starts it when called, after dynamo's trace at best), so a cold start compiled its first kernels
+    serially. The worker calls this before the compile phase of a cold start, so the pool starts while dynamo
+    traces. A no-op for a CPU model (Inductor's C++ kernels use no pool) and where Inductor uses none (one
+    compile thread, no Triton)."""
+    if device.type != "cuda":
+        return
+    from torch._inductor.async_compile import maybe_warm_pool
+
+    maybe_warm_pool()
+
+
 def piecewise_inductor(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
     """A torch.compile backend: Inductor on each piece between the graph's attention calls.
 

@@ -36,6 +36,7 @@ from tfbackend.engine.cuda_graphs import GRAPH_SAFE_BACKENDS, CompiledForward
 from tfbackend.engine.memory import kv_cache_budget, plan_cache
 from tfbackend.engine.model_files import max_model_len
 from tfbackend.engine.model_runner import ModelRunner, StepInputs
+from tfbackend.engine.piecewise_compile import start_compile_workers
 from tfbackend.engine.sampler import Sampler
 from tfbackend.engine.startup import StartupReport, freeze_startup_objects, paused_gc
 from tfbackend.engine.step_broadcast import StepBroadcast
@@ -91,6 +92,8 @@ class Worker:
         self.attention_backend = get_attention_backend(config.attention_backend, self.device)
         self.use_cuda_graphs = self._use_cuda_graphs()
         self.forward = CompiledForward(self.model, self._aot_path(hf_config)) if self._use_compile() else self.model
+        if isinstance(self.forward, CompiledForward) and self.forward.compiles_with_inductor():
+            start_compile_workers(self.device)  # they start while the compile phase traces the model
         self.stages = None
         if parallel.pp_size > 1:
             vocab_size = hf_config.get_text_config().vocab_size
