@@ -53,7 +53,7 @@ def test_the_second_start_loads_the_saved_forward_with_the_same_tokens(tmp_path,
         eager = greedy_tokens(path, impl, compiled=False, monkeypatch=eager_only)
     monkeypatch.setattr(worker, "COMPILE_DEVICE_TYPES", ("cuda", "cpu"))
     pool_starts = []  # Inductor's compile workers are started ahead of a compile, not for a loaded forward
-    monkeypatch.setattr(worker, "start_compile_workers", pool_starts.append)
+    monkeypatch.setattr(worker, "start_compile_workers", lambda device, ranks_on_node: pool_starts.append(device))
 
     first, forward = start(path, impl)
     assert first == eager
@@ -77,6 +77,21 @@ def test_compile_workers_start_for_gpu_models_only(monkeypatch, device, starts):
     monkeypatch.setattr(async_compile, "maybe_warm_pool", lambda: calls.append(True))
     start_compile_workers(torch.device(device))
     assert len(calls) == starts
+
+
+@pytest.mark.parametrize("environment,expected", [(None, 8), ("5", 32)])
+def test_the_ranks_of_a_node_share_its_compile_workers(monkeypatch, environment, expected):
+    from torch._inductor import async_compile
+    from torch._inductor import config as inductor_config
+
+    monkeypatch.setattr(async_compile, "maybe_warm_pool", lambda: None)
+    if environment is None:
+        monkeypatch.delenv("TORCHINDUCTOR_COMPILE_THREADS", raising=False)
+    else:  # the user's choice stands
+        monkeypatch.setenv("TORCHINDUCTOR_COMPILE_THREADS", environment)
+    with inductor_config.patch(compile_threads=32):
+        start_compile_workers(torch.device("cuda"), ranks_on_node=4)
+        assert inductor_config.compile_threads == expected
 
 
 class Embed(torch.nn.Module):

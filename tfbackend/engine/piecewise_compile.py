@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import operator
+import os
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -38,7 +39,7 @@ def split_targets() -> tuple[Any, ...]:
 PieceCompiler = Callable[[fx.GraphModule, list[Any]], Callable[..., Any]]
 
 
-def start_compile_workers(device: torch.device) -> None:
+def start_compile_workers(device: torch.device, ranks_on_node: int = 1) -> None:
     """Start Inductor's compile subprocesses now, ahead of the trace that precedes the first compile.
 
     Inductor compiles a Triton kernel in the calling process, one after another, whenever its subprocess pool
@@ -47,11 +48,16 @@ def start_compile_workers(device: torch.device) -> None:
     backend starts it when called, after dynamo's trace at best), so a cold start compiled its first kernels
     serially. The worker calls this before the compile phase of a cold start, so the pool starts while dynamo
     traces. A no-op for a CPU model (Inductor's C++ kernels use no pool) and where Inductor uses none (one
-    compile thread, no Triton)."""
+    compile thread, no Triton). ``ranks_on_node``: the ranks of this node, each with its own pool, share its
+    cores (Inductor sizes every pool for all of them: 4 ranks on 64 cores started 128 workers), unless
+    ``TORCHINDUCTOR_COMPILE_THREADS`` says otherwise."""
     if device.type != "cuda":
         return
-    from torch._inductor.async_compile import maybe_warm_pool
+    from torch._inductor import config
+    from torch._inductor.async_compile import get_compile_threads, maybe_warm_pool
 
+    if ranks_on_node > 1 and "TORCHINDUCTOR_COMPILE_THREADS" not in os.environ:
+        config.compile_threads = max(1, get_compile_threads() // ranks_on_node)
     maybe_warm_pool()
 
 

@@ -93,7 +93,7 @@ class Worker:
         self.use_cuda_graphs = self._use_cuda_graphs()
         self.forward = CompiledForward(self.model, self._aot_path(hf_config)) if self._use_compile() else self.model
         if isinstance(self.forward, CompiledForward) and self.forward.compiles_with_inductor():
-            start_compile_workers(self.device)  # they start while the compile phase traces the model
+            start_compile_workers(self.device, parallel.local_size)  # they start while the compile phase traces
         self.stages = None
         if parallel.pp_size > 1:
             vocab_size = hf_config.get_text_config().vocab_size
