@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import mmap
 import os
-import struct
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tfbackend.native.weights import MappedFiles, tensor_entries  # noqa: E402
 
 HIDDEN, KV, INTERMEDIATE = 8192, 1024, 28672
 SHAPES = {  # name -> (shape, dimension split across ranks)
@@ -41,14 +42,6 @@ def write_checkpoint(path: Path, layers: int) -> None:
     save_file(tensors, str(path))
 
 
-def entries(path: Path) -> dict[str, tuple[tuple[int, ...], int, int]]:
-    with open(path, "rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(size))
-    return {name: (tuple(info["shape"]), 8 + size + info["data_offsets"][0], 8 + size + info["data_offsets"][1])
-            for name, info in header.items() if name != "__metadata__"}
-
-
 def share(tensor: torch.Tensor, dim: int, rank: int, world: int) -> torch.Tensor:
     size = tensor.shape[dim] // world
     return tensor.narrow(dim, rank * size, size)
@@ -57,22 +50,21 @@ def share(tensor: torch.Tensor, dim: int, rank: int, world: int) -> torch.Tensor
 def rank_main(path: Path, strategy: str, rank: int, world: int) -> None:
     device = torch.device("cuda", 0)
     torch.cuda.init()
-    table = entries(path)
+    table = tensor_entries([path])
     targets = {}
-    for name, (shape, _, _) in table.items():
+    for name, entry in table.items():
         dim = SHAPES[name.split(".")[2]][1]
-        local = list(shape)
+        local = list(entry.shape)
         local[dim] //= world
         targets[name] = (torch.empty(local, dtype=torch.bfloat16, device=device), dim)
     torch.cuda.synchronize()
     started = time.perf_counter()
-    if strategy.startswith("mmap"):
-        with open(path, "rb") as f:
-            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    if strategy.startswith("mmap"):  # as the engine maps checkpoints (native/weights.py)
+        files = MappedFiles()
+        views = {name: files.tensor(entry) for name, entry in table.items()}
         if strategy == "mmap-populate-slice":
-            mapped.madvise(22)  # MADV_POPULATE_READ: page tables filled in one call, not fault by fault
-        for name, (shape, start, end) in table.items():
-            view = torch.frombuffer(mapped, dtype=torch.bfloat16, count=(end - start) // 2, offset=start).view(shape)
+            files.maps[path].madvise(22)  # MADV_POPULATE_READ: page tables filled at once, not fault by fault
+        for name, view in views.items():
             target, dim = targets[name]
             part = share(view, dim, rank, world)
             if strategy == "mmap-copy-into-device":
@@ -86,22 +78,22 @@ def rank_main(path: Path, strategy: str, rank: int, world: int) -> None:
                 target, dim = targets[name]
                 target.copy_(share(f.get_tensor(name), dim, rank, world))
     elif strategy == "pread-pinned-slice-on-gpu":
-        largest = max(end - start for _, start, end in table.values())
+        largest = max(entry.end - entry.start for entry in table.values())
         staging = [torch.empty(largest, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
         events = [torch.cuda.Event(), torch.cuda.Event()]
         stream = torch.cuda.Stream()
         fd = os.open(path, os.O_RDONLY)
-        for i, (name, (shape, start, end)) in enumerate(table.items()):
+        for i, (name, entry) in enumerate(table.items()):
             buffer, event = staging[i % 2], events[i % 2]
             event.synchronize()  # the copy that last used this buffer is done
-            count = end - start
+            start, count = entry.start, entry.end - entry.start
             view = memoryview(buffer.numpy())[:count]
             done = 0
             while done < count:
                 done += os.preadv(fd, [view[done:]], start + done)
             target, dim = targets[name]
             with torch.cuda.stream(stream):
-                whole = buffer[:count].to(device, non_blocking=True).view(torch.bfloat16).view(shape)
+                whole = buffer[:count].to(device, non_blocking=True).view(torch.bfloat16).view(entry.shape)
                 target.copy_(share(whole, dim, rank, world))
                 event.record(stream)
         os.close(fd)
